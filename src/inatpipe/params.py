@@ -1,0 +1,271 @@
+"""Typed, validated view of params.yaml.
+
+Stages call `load_params()` once and pass the frozen dataclasses down; nothing else in the library reads
+params.yaml. Every key is required (params.yaml is the single source of defaults, so DVC sees every input),
+unknown keys are errors, and each error names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inatpipe.errors import ConfigError
+
+# Names of torch.nn activation modules that take no required arguments; FlexibleCNN builds them by name.
+ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh", "Hardswish")
+POOLINGS = ("max", "avg")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+RESNET_WEIGHTS = ("imagenet", "none")  # or a path to a state_dict file
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"params.yaml: {key} must be {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str
+    train_dir: str
+    test_dir: str
+    val_fraction: float
+    image_size: int
+    augment: bool
+    hflip: bool
+    rotation: float
+    crop_scale: float
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        _require(bool(self.root), "data.root", "a folder path", self.root)
+        _require(0 < self.val_fraction < 1, "data.val_fraction", "between 0 and 1 (exclusive)", self.val_fraction)
+        _require(self.image_size >= 8, "data.image_size", "an integer >= 8 (pixels)", self.image_size)
+        _require(0 <= self.rotation <= 180, "data.rotation", "between 0 and 180 degrees", self.rotation)
+        _require(
+            0 < self.crop_scale <= 1, "data.crop_scale", "in (0, 1] (smallest crop area fraction)", self.crop_scale
+        )
+        _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """FlexibleCNN architecture: one conv block per entry of `num_filters`, then a dense layer."""
+
+    num_filters: tuple[int, ...]
+    kernel_size: int
+    activation: str
+    batch_norm: bool
+    dropout: float
+    pooling: str
+    pooling_kernel_size: int
+    pooling_stride: int
+    dense_neurons: int
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.num_filters) > 0 and all(n > 0 for n in self.num_filters),
+            "model.num_filters",
+            "a non-empty list of positive integers, e.g. [32, 64, 128]",
+            list(self.num_filters),
+        )
+        _require(
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            "model.kernel_size",
+            "an odd integer >= 1 (same-padding needs an odd size: 1, 3, 5, 7, ...)",
+            self.kernel_size,
+        )
+        _require(
+            self.activation in ACTIVATIONS, "model.activation", f"one of {', '.join(ACTIVATIONS)}", self.activation
+        )
+        _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+        _require(self.pooling in POOLINGS, "model.pooling", f"one of {', '.join(POOLINGS)}", self.pooling)
+        _require(
+            self.pooling_kernel_size >= 1, "model.pooling_kernel_size", "an integer >= 1", self.pooling_kernel_size
+        )
+        _require(self.pooling_stride >= 1, "model.pooling_stride", "an integer >= 1", self.pooling_stride)
+        _require(self.dense_neurons >= 1, "model.dense_neurons", "an integer >= 1", self.dense_neurons)
+
+
+def _check_optimizer(section: str, epochs: int, batch_size: int, learning_rate: float, weight_decay: float) -> None:
+    _require(epochs >= 1, f"{section}.epochs", "an integer >= 1", epochs)
+    _require(batch_size >= 1, f"{section}.batch_size", "an integer >= 1", batch_size)
+    _require(learning_rate > 0, f"{section}.learning_rate", "a positive number, e.g. 1.0e-3", learning_rate)
+    _require(weight_decay >= 0, f"{section}.weight_decay", "a number >= 0", weight_decay)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How FlexibleCNN is trained (Adam + cross-entropy)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+
+    def __post_init__(self) -> None:
+        _check_optimizer("train", self.epochs, self.batch_size, self.learning_rate, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ResnetParams:
+    """ResNet50 transfer learning: frozen backbone, new head trained with Adam."""
+
+    weights: str
+    require_pretrained: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.weights),
+            "resnet.weights",
+            f"one of {', '.join(RESNET_WEIGHTS)} or a path to a state_dict file",
+            self.weights,
+        )
+        _check_optimizer("resnet", self.epochs, self.batch_size, self.learning_rate, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    device: str
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    resnet: ResnetParams
+    evaluate: EvaluateParams
+
+    def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(self.device in DEVICES, "device", f"one of {', '.join(DEVICES)}", self.device)
+        self._check_feature_map()
+
+    def _check_feature_map(self) -> None:
+        """Each FlexibleCNN block pools; catch a stack too deep for the image size before any work starts."""
+        m = self.model
+        size = self.data.image_size
+        for block in range(1, len(m.num_filters) + 1):
+            size = (size - m.pooling_kernel_size) // m.pooling_stride + 1
+            if size < 1:
+                raise ConfigError(
+                    f"params.yaml: model.num_filters has {len(m.num_filters)} blocks, but data.image_size="
+                    f"{self.data.image_size} pools down to nothing at block {block}; use fewer blocks, a smaller "
+                    "model.pooling_kernel_size / model.pooling_stride, or a larger data.image_size"
+                )
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float, as YAML 1.2 (and DVC) do; plain PyYAML reads a string."""
+
+
+# Only exponent forms without a dot (1e-3, 5E+2) need adding: SafeLoader already reads 1.0e-3, 0.001 and ints.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    if tp is bool:
+        _require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        hint = " (a number; write floats as 1.0e-3)" if isinstance(value, str) else ""
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number" + hint, value)
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, "a string", value)
+        return value
+    if typing.get_origin(tp) is tuple:  # tuple[int, ...]: a YAML list of ints
+        _require(isinstance(value, list), key, "a list", value)
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: {where} must be a mapping of keys, got {_type_name(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"params.yaml: unknown key {prefix}{key}{hint}; {where} accepts: {', '.join(names)}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"params.yaml: missing key {prefix}{missing[0]}; add it (see the README's params table)")
+    values = {}
+    for name in names:
+        tp = hints[name]
+        if isinstance(tp, types.GenericAlias) or not dataclasses.is_dataclass(tp):
+            values[name] = _coerce(prefix + name, raw[name], tp)
+        else:
+            values[name] = _build(tp, raw[name], f"{prefix}{name}.")
+    return cls(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed params mapping into `Params`; raises ConfigError naming the first bad key."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    return parse_params(raw)
+
+
+def as_dict(params: Any) -> dict:
+    """A params dataclass as plain JSON/YAML types (tuples become lists), e.g. for a checkpoint."""
+    return _plain(dataclasses.asdict(params))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,21 @@
+"""Where stages read and write, relative to the project root; dvc.yaml declares the same paths."""
+
+from pathlib import Path
+
+SPLIT_DIR = Path("artifacts/split")
+STATS_FILE = Path("artifacts/stats.json")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+MODEL_NAMES = ("flexible", "resnet")
+
+
+def checkpoint(model: str) -> Path:
+    return MODELS_DIR / f"{model}.pt"
+
+
+def train_metrics_dir(model: str) -> Path:
+    return METRICS_DIR / f"train_{model}"
+
+
+def eval_metrics_dir(model: str) -> Path:
+    return METRICS_DIR / "evaluate" / model
