@@ -1,0 +1,100 @@
+"""The `inatpipe` command: getting data into data/ (the pipeline itself runs through `dvc repro`)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from inatpipe.errors import UserError, exit_on_user_error
+
+DATA = Path("data")
+
+
+def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # The DVC installed beside this package, whatever PATH says.
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], text=True, capture_output=True)
+    if check and result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise UserError(f"`dvc {' '.join(args)}` failed: {last[0]}")
+    return result
+
+
+def _track(out: Path) -> None:
+    """`dvc add` the data: data.dvc records it and the DVC cache holds it, where queued experiments check it out."""
+    if not Path(".dvc").is_dir():
+        print(f"not in a DVC project; run `dvc add {out}` yourself to track {out}/")
+        return
+    _dvc("add", str(out))
+    print(f"{out}/ is tracked by {out}.dvc; commit it with: git add {out}.dvc && git commit -m 'Update data'")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from inatpipe.data.sample import build_digits_sample
+
+    n = build_digits_sample(args.out)
+    print(f"wrote {n} images of the embedded digits sample to {args.out}/")
+    if args.track:
+        _track(args.out)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from inatpipe.data.fetch import fetch_dataset
+
+    out = fetch_dataset(args.source, args.out, force=args.force)
+    print(f"dataset ready in {out}/")
+    if args.track:
+        _track(out)
+
+
+def cmd_setup(args: argparse.Namespace) -> None:
+    """Make data/ exist without network: keep what is there, else `dvc pull` from a remote, else build the sample."""
+    from inatpipe.data.sample import build_digits_sample
+
+    if DATA.is_dir():
+        print(f"{DATA}/ is present; leaving it as it is")
+        return
+    if _dvc("remote", "list", check=False).stdout.strip():
+        if _dvc("pull", f"{DATA}.dvc", check=False).returncode == 0 and DATA.is_dir():
+            print(f"pulled {DATA}/ from the DVC remote")
+            return
+        print("dvc pull did not bring data/; building the embedded sample instead")
+    n = build_digits_sample(DATA)
+    print(f"wrote {n} images of the embedded digits sample to {DATA}/")
+    _track(DATA)
+
+
+def parser() -> argparse.ArgumentParser:
+    from inatpipe.data.fetch import INATURALIST_URL
+
+    p = argparse.ArgumentParser(prog="inatpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="get a dataset into data/").add_subparsers(dest="data_command", required=True)
+
+    setup = data.add_parser("setup", help="materialise data/: dvc pull if a remote has it, else the embedded sample")
+    setup.set_defaults(func=cmd_setup)
+
+    sample = data.add_parser("sample", help="build the embedded digits sample (1,797 images, 10 classes)")
+    sample.add_argument("--out", type=Path, default=DATA, help="folder to create (default: data)")
+    sample.add_argument("--no-track", dest="track", action="store_false", help="skip `dvc add`")
+    sample.set_defaults(func=cmd_sample)
+
+    fetch = data.add_parser("fetch", help="download iNaturalist 12K, or take a zip or folder you already have")
+    fetch.add_argument(
+        "source", nargs="?", default=INATURALIST_URL, help=f"URL, .zip or folder (default: {INATURALIST_URL})"
+    )
+    fetch.add_argument("--out", type=Path, default=DATA, help="folder to create (default: data)")
+    fetch.add_argument("--force", action="store_true", help="replace an existing data folder")
+    fetch.add_argument("--no-track", dest="track", action="store_false", help="skip `dvc add`")
+    fetch.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    exit_on_user_error(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

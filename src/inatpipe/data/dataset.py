@@ -1,0 +1,66 @@
+"""A dataset over an index file's rows, and the loader settings every stage shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from inatpipe.errors import UserError
+
+
+class IndexDataset(Dataset):
+    """Images listed in an index (path, label); labels become class indices in the order of `classes`."""
+
+    def __init__(self, index: pd.DataFrame, classes: list[str], transform: Callable | None = None):
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(index["label"]) - set(class_to_idx))
+        if unknown:
+            raise UserError(
+                f"index lists class {unknown[0]!r}, which is not among the split's classes; rerun `dvc repro`"
+            )
+        self.paths = index["path"].tolist()
+        self.targets = [class_to_idx[label] for label in index["label"]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except FileNotFoundError:
+            raise UserError(
+                f"{path} is listed in the index but missing; rerun `dvc repro` after changing data/"
+            ) from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(
+                f"{path} is not a readable image ({e}); remove or replace it, then rerun `dvc repro`"
+            ) from None
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> DataLoader:
+    """A DataLoader whose shuffling and per-worker augmentation seeds all derive from `generator`."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,56 @@
+"""Per-channel mean and standard deviation of the training images, as the model will see them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.data.transforms import to_tensor
+from inatpipe.errors import UserError
+
+
+def channel_stats(
+    dataset: IndexDataset, batch_size: int = 256, num_workers: int = 0
+) -> tuple[list[float], list[float]]:
+    """Mean and population std of each channel over every pixel; float64 sums so large datasets lose no precision."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    loader = make_loader(dataset, batch_size, num_workers=num_workers)
+    for x, _ in tqdm(loader, desc="stats", unit="batch", disable=None, leave=False):
+        x = x.to(torch.float64)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+        pixels += x.numel() // 3
+    mean = total / pixels
+    std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def compute_stats(index, classes: list[str], image_size: int, num_workers: int = 0) -> dict:
+    dataset = IndexDataset(index, classes, to_tensor(image_size))
+    mean, std = channel_stats(dataset, num_workers=num_workers)
+    return {"image_size": image_size, "num_images": len(dataset), "mean": mean, "std": std}
+
+
+def write_stats(stats: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def read_stats(path: Path, image_size: int) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `dvc repro stats` first")
+    stats = json.loads(path.read_text())
+    if stats["image_size"] != image_size:
+        raise UserError(
+            f"{path} was computed at image size {stats['image_size']}, not data.image_size={image_size}; "
+            "run `dvc repro` so stats are recomputed"
+        )
+    # A constant channel (e.g. an all-grey dataset) would divide by zero when normalising.
+    stats["std"] = [max(s, 1e-6) for s in stats["std"]]
+    return stats
