@@ -1,0 +1,64 @@
+"""FlexibleCNN: a configurable stack of conv blocks and one dense layer, trained from scratch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class FlexibleCNN(nn.Module):
+    """Per `num_filters` entry: conv -> [batch norm] -> activation -> pool; then dense -> act -> dropout -> logits.
+
+    The output is logits: cross-entropy applies the softmax, so a softmax layer here would be applied twice.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int,
+        num_filters: Sequence[int] = (32, 64, 128, 256, 512),
+        kernel_size: int = 3,
+        activation: str = "ReLU",
+        batch_norm: bool = True,
+        dropout: float = 0.2,
+        pooling: str = "max",
+        pooling_kernel_size: int = 2,
+        pooling_stride: int = 2,
+        dense_neurons: int = 512,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        act = getattr(nn, activation)  # params validation restricts the name to no-argument torch.nn activations
+        pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[pooling]
+        blocks = []
+        channels = in_channels
+        for width in num_filters:
+            blocks += [
+                # padding k//2 keeps the spatial size for any odd kernel; BN's shift makes a conv bias redundant.
+                nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm),
+                nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
+                act(),
+                pool(pooling_kernel_size, pooling_stride),
+            ]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).numel()
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, dense_neurons),
+            act(),
+            nn.Dropout(dropout),
+            nn.Linear(dense_neurons, num_classes),
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
