@@ -1,0 +1,88 @@
+"""The training loop: one epoch of training, one pass of evaluation, and `fit`, which yields per-epoch metrics.
+
+It knows nothing of params.yaml, logging or checkpoints: callers build the model, optimizer and loaders,
+and decide what to do with each epoch's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    desc: str = "train",
+) -> tuple[float, float]:
+    """One pass over `loader`; returns (mean loss, accuracy) over the samples seen."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None, leave=False)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on `loader`, in eval mode."""
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in tqdm(loader, desc="eval", unit="batch", disable=None, leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += loss_fn(logits, y).item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return loss_sum / seen, correct / seen
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    epochs: int,
+    device: torch.device,
+    loss_fn: nn.Module | None = None,
+    start_epoch: int = 0,
+) -> Iterator[EpochMetrics]:
+    """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    model.to(device)
+    for epoch in range(start_epoch + 1, epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device, f"epoch {epoch}/{epochs}"
+        )
+        val_loss, val_acc = evaluate(model, val_loader, loss_fn, device)
+        yield EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - start)
