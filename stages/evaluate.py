@@ -1,0 +1,40 @@
+"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-class table, confusion matrix."""
+
+import json
+import sys
+
+from dvclive import Live
+
+from inatpipe import paths
+from inatpipe.data.index import read_index
+from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.evaluation import evaluate_checkpoint
+from inatpipe.params import load_params
+from inatpipe.runtime import choose_device
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in paths.MODEL_NAMES:
+        raise UserError(f"usage: python stages/evaluate.py {{{','.join(paths.MODEL_NAMES)}}}")
+    name = sys.argv[1]
+    p = load_params()
+    device = choose_device(p.device)
+    test = read_index(paths.SPLIT_DIR / "test.csv")
+    m, pred, classes = evaluate_checkpoint(
+        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device
+    )
+    out = paths.eval_metrics_dir(name)
+    with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
+        live.summary = {
+            "test": {"loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]},
+            "infer_images_per_second": round(m["infer_images_per_second"], 1),
+        }
+        names = [classes[i] for i in pred.targets], [classes[i] for i in pred.predicted]
+        live.log_sklearn_plot("confusion_matrix", *names, name="confusion_matrix.json")
+    per_class = [{"class": c, **scores} for c, scores in m["per_class"].items()]
+    (out / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
+    print(f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
