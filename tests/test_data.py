@@ -1,0 +1,221 @@
+"""Data layer: folder scanning, the stratified split, channel statistics, the embedded sample and fetching."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from inatpipe.data.dataset import IndexDataset
+from inatpipe.data.fetch import fetch_dataset
+from inatpipe.data.index import read_index, scan_folder, write_index
+from inatpipe.data.sample import build_digits_sample
+from inatpipe.data.split import check_test_classes, stratified_split
+from inatpipe.data.stats import compute_stats
+from inatpipe.errors import UserError
+
+from .conftest import ROOT, write_dataset, write_image_folder
+
+
+def test_scan_lists_every_image_with_its_folder_as_label(tmp_path: Path):
+    write_image_folder(tmp_path, classes=("b", "a"), per_class=3)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    df = scan_folder(tmp_path)
+    assert len(df) == 6
+    assert df["label"].tolist() == ["a"] * 3 + ["b"] * 3
+    assert all(Path(p).suffix == ".png" for p in df["path"])
+
+
+def test_scan_errors_say_how_to_get_data(tmp_path: Path):
+    with pytest.raises(UserError, match="not found; run `make data`"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no images"):
+        scan_folder(tmp_path / "empty")
+
+
+def uneven_pool(tmp_path: Path) -> pd.DataFrame:
+    for name, n in (("a", 30), ("b", 17), ("c", 9)):
+        write_image_folder(tmp_path, classes=(name,), per_class=n, size=4)
+    return scan_folder(tmp_path)
+
+
+def test_split_is_stratified_disjoint_and_complete(tmp_path: Path):
+    pool = uneven_pool(tmp_path)
+    train, val = stratified_split(pool, val_fraction=0.25, seed=0)
+    assert not set(train["path"]) & set(val["path"])
+    assert sorted([*train["path"], *val["path"]]) == sorted(pool["path"])
+    for label, n in pool["label"].value_counts().items():
+        expected = n * 0.25
+        assert abs((val["label"] == label).sum() - expected) <= 1, label
+
+
+def test_split_is_deterministic_and_depends_on_the_seed(tmp_path: Path):
+    pool = uneven_pool(tmp_path)
+    first, again, other = (stratified_split(pool, 0.25, seed)[1] for seed in (3, 3, 4))
+    assert first.equals(again)
+    assert not first.equals(other)
+
+
+def test_split_needs_two_images_per_class(tmp_path: Path):
+    write_image_folder(tmp_path, classes=("a",), per_class=5, size=4)
+    write_image_folder(tmp_path, classes=("lonely",), per_class=1, size=4)
+    with pytest.raises(UserError, match="class 'lonely' has 1 image"):
+        stratified_split(scan_folder(tmp_path), 0.2, 0)
+
+
+def test_test_folder_must_not_bring_new_classes(tmp_path: Path):
+    test = scan_folder(write_image_folder(tmp_path, classes=("a", "zebra"), per_class=1, size=4))
+    with pytest.raises(UserError, match="class 'zebra'"):
+        check_test_classes(test, ["a", "b"], "val")
+
+
+def test_index_round_trip_keeps_labels_as_strings(tmp_path: Path):
+    df = pd.DataFrame({"path": ["x/1.png", "x/2.png"], "label": ["007", "NA"]})
+    write_index(df, tmp_path / "i.csv")
+    assert read_index(tmp_path / "i.csv").equals(df)
+
+
+def test_stats_equal_a_numpy_computation_over_train_only(tmp_path: Path):
+    data = write_dataset(tmp_path / "data", train_per_class=5, test_per_class=3, size=12)
+    train = scan_folder(data / "train")
+    stats = compute_stats(train, sorted(train["label"].unique()), image_size=12)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) / 255 for p in train["path"]])
+    np.testing.assert_allclose(stats["mean"], pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], pixels.std(axis=(0, 1, 2)), rtol=1e-6)
+    assert stats["num_images"] == 15 and stats["image_size"] == 12
+
+
+def test_dataset_reports_unreadable_images(tmp_path: Path):
+    bad = tmp_path / "a" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a jpeg")
+    ds = IndexDataset(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"])
+    with pytest.raises(UserError, match="broken.jpg is not a readable image"):
+        ds[0]
+
+
+def test_sample_is_byte_identical_and_matches_the_committed_data_dvc(tmp_path: Path):
+    """Two builds are identical, and DVC hashes the build to exactly the md5 that data.dvc records."""
+    build_digits_sample(tmp_path / "a" / "data")
+    build_digits_sample(tmp_path / "b" / "data")
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.bmp"))
+    assert len(files_a) == 1797
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+    train = scan_folder(tmp_path / "a" / "data" / "train")
+    test = scan_folder(tmp_path / "a" / "data" / "val")
+    assert train["label"].nunique() == 10 and len(test) == 355 and len(train) == 1797 - 355
+    with Image.open(tmp_path / "a" / train["path"].iloc[0]) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
+
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path / "a", check=True)
+    subprocess.run([*dvc, "add", "-q", "data"], cwd=tmp_path / "a", check=True)
+    built = yaml.safe_load((tmp_path / "a" / "data.dvc").read_text())["outs"][0]
+    committed = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
+    assert (built["md5"], built["nfiles"], built["size"]) == (committed["md5"], committed["nfiles"], committed["size"])
+
+
+def test_sample_never_overwrites(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="already exists"):
+        build_digits_sample(tmp_path / "data")
+    assert (tmp_path / "data" / "mine.txt").read_text() == "keep"
+
+
+def make_zip(tmp_path: Path) -> Path:
+    """A small archive shaped like nature_12K.zip: inaturalist_12K/{train,val}/<class>/*.jpg."""
+    src = write_dataset(tmp_path / "src" / "inaturalist_12K", train_per_class=3, test_per_class=2, ext=".jpg")
+    archive = tmp_path / "nature_12K.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(src.rglob("*.jpg")):
+            zf.write(f, f.relative_to(src.parent))
+    return archive
+
+
+def test_fetch_from_a_zip_unpacks_the_nested_dataset(tmp_path: Path):
+    out = fetch_dataset(str(make_zip(tmp_path)), tmp_path / "data")
+    assert len(scan_folder(out / "train")) == 9 and len(scan_folder(out / "val")) == 6
+    assert not list(tmp_path.glob(".data.*")), "staging folders are cleaned up"
+
+
+def test_fetch_from_a_folder_copies_it(tmp_path: Path):
+    src = write_dataset(tmp_path / "mine", train_per_class=2, test_per_class=1)
+    out = fetch_dataset(str(src), tmp_path / "data")
+    assert len(scan_folder(out / "train")) == 6
+    assert len(scan_folder(src / "train")) == 6, "the source folder is left as it was"
+
+
+def test_fetch_refuses_to_replace_data_without_force_and_keeps_it_on_failure(tmp_path: Path):
+    archive = make_zip(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        fetch_dataset(str(archive), data)
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("readme.txt", "no dataset here")
+    with pytest.raises(UserError, match="no folder with both train/ and val/"):
+        fetch_dataset(str(bad), data, force=True)
+    assert (data / "keep.txt").read_text() == "mine"
+    fetch_dataset(str(archive), data, force=True)
+    assert not (data / "keep.txt").exists() and (data / "train").is_dir()
+
+
+def test_fetch_rejects_what_is_not_a_zip_or_folder(tmp_path: Path):
+    (tmp_path / "x.tar").write_text("tar?")
+    with pytest.raises(UserError, match="neither a zip file nor a folder"):
+        fetch_dataset(str(tmp_path / "x.tar"), tmp_path / "data")
+    with pytest.raises(UserError, match="not found"):
+        fetch_dataset(str(tmp_path / "nothing.zip"), tmp_path / "data")
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A real HTTP server on localhost serving tmp_path."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_fetch_downloads_a_url_then_unpacks_it(tmp_path: Path, http_server: str, monkeypatch):
+    make_zip(tmp_path)
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = fetch_dataset(f"{http_server}/nature_12K.zip", Path("data"))
+    assert len(scan_folder(out / "val")) == 6
+    assert (work / "downloads" / "nature_12K.zip").stat().st_size == (tmp_path / "nature_12K.zip").stat().st_size
+    with pytest.raises(UserError, match="could not download"):
+        fetch_dataset(f"{http_server}/missing.zip", Path("data2"))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inatpipe.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_fetch_tracks_the_data_with_dvc(tmp_path: Path):
+    archive = make_zip(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    result = run_cli("data", "fetch", str(archive), cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["nfiles"] == 15
+    again = run_cli("data", "fetch", str(archive), cwd=project)
+    assert again.returncode == 2
+    assert again.stderr.startswith("error: data/ already exists") and len(again.stderr.strip().splitlines()) == 1

@@ -1,0 +1,153 @@
+"""params.yaml validation: the shipped file loads, and each kind of bad input names its key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inatpipe.errors import ConfigError
+from inatpipe.params import ACTIVATIONS, Params, load_params, parse_params
+
+from .conftest import ROOT
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(raw: dict, key: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    *parents, leaf = key.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return out
+
+
+def test_shipped_params_load_with_the_documented_keys():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.seed == 42
+    assert p.data.test_dir == "val" and p.data.val_fraction == 0.2
+    assert p.model.num_filters == (32, 64, 128, 256, 512)
+    assert p.train.batch_size == 64 and p.train.learning_rate == pytest.approx(1e-3)
+    assert p.resnet.weights == "imagenet" and p.resnet.batch_size == 32
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.kernel_size", 4, "model.kernel_size must be an odd integer"),
+        ("model.kernel_size", 0, "model.kernel_size must be an odd integer"),
+        ("model.kernel_size", "3", "model.kernel_size must be an integer"),
+        ("model.kernel_size", True, "model.kernel_size must be an integer"),
+        ("model.dropout", 1.0, "model.dropout must be in [0, 1)"),
+        ("model.dropout", -0.1, "model.dropout must be in [0, 1)"),
+        ("model.activation", "Swish", "model.activation must be one of ReLU, GELU, SiLU, Mish"),
+        ("model.pooling", "min", "model.pooling must be one of max, avg"),
+        ("model.num_filters", [], "model.num_filters must be a non-empty list"),
+        ("model.num_filters", [32, "64"], "model.num_filters[1] must be an integer"),
+        ("model.num_filters", 32, "model.num_filters must be a list"),
+        ("model.batch_norm", "yes", "model.batch_norm must be true or false"),
+        ("train.learning_rate", "fast", "train.learning_rate must be a number"),
+        ("train.learning_rate", 0.0, "train.learning_rate must be a positive number"),
+        ("train.epochs", 0, "train.epochs must be an integer >= 1"),
+        ("resnet.batch_size", 2.5, "resnet.batch_size must be an integer"),
+        ("data.val_fraction", 1.0, "data.val_fraction must be between 0 and 1"),
+        ("data.image_size", 4, "data.image_size must be an integer >= 8"),
+        ("device", "tpu", "device must be one of auto, cpu, cuda, mps"),
+        ("seed", -1, "seed must be an integer >= 0"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_it_accepts(raw, key, value, message):
+    with pytest.raises(ConfigError, match=r"^params\.yaml: ") as err:
+        parse_params(with_value(raw, key, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one(raw):
+    raw["model"]["kernal_size"] = 5
+    with pytest.raises(ConfigError, match=r"unknown key model\.kernal_size \(did you mean model\.kernel_size\?\)"):
+        parse_params(raw)
+
+
+def test_unknown_section_is_an_error(raw):
+    raw["optimiser"] = {"name": "sgd"}
+    with pytest.raises(ConfigError, match="unknown key optimiser"):
+        parse_params(raw)
+
+
+def test_missing_key_is_named(raw):
+    del raw["train"]["weight_decay"]
+    with pytest.raises(ConfigError, match=r"missing key train\.weight_decay"):
+        parse_params(raw)
+
+
+def test_section_that_is_not_a_mapping(raw):
+    raw["model"] = [1, 2]
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        parse_params(raw)
+
+
+def test_too_many_pooling_blocks_for_the_image_size(raw):
+    raw["data"]["image_size"] = 16
+    raw["model"]["num_filters"] = [8, 8, 8, 8, 8]
+    with pytest.raises(ConfigError, match="pools down to nothing at block 5"):
+        parse_params(raw)
+
+
+def test_every_listed_activation_exists_in_torch():
+    from torch import nn
+
+    for name in ACTIVATIONS:
+        assert isinstance(getattr(nn, name)(), nn.Module)
+
+
+def test_exponent_floats_read_as_numbers(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 1.0e-3", "learning_rate: 1e-4", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.learning_rate == pytest.approx(1e-4)
+
+
+def test_ints_are_accepted_for_floats(raw):
+    assert parse_params(with_value(raw, "data.rotation", 15)).data.rotation == 15.0
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("seed: 42\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_reports_bad_params_in_one_line_without_traceback(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text().replace("kernel_size: 3", "kernel_size: 4", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train_flexible.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: model.kernel_size must be an odd integer >= 1 "
+        "(same-padding needs an odd size: 1, 3, 5, 7, ...), got 4"
+    ]
+    assert not (tmp_path / "models").exists()
+
+
+def test_stage_without_data_says_how_to_get_it(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "split.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: data/train/ not found; run `make data` for the embedded sample "
+        "or `inatpipe data fetch` for iNaturalist 12K"
+    ]
