@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -31,6 +32,8 @@ def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     # Deterministic kernels cost a little speed and buy identical metrics for identical params on CPU.
     # warn_only: a few CUDA ops have no deterministic version; they should warn, not stop training.
+    # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)

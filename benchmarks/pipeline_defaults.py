@@ -1,0 +1,80 @@
+"""Time the whole pipeline with the committed params.yaml on the embedded sample, stage by stage.
+
+Runs in a temporary git + DVC copy of the project, so the workspace, its metrics and its DVC cache are untouched.
+Prints each stage's wall time, the total against the 10-minute budget, and FlexibleCNN's test accuracy against
+the 97% target.
+
+    .venv/bin/python benchmarks/pipeline_defaults.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("split", "stats", "train_flexible", "train_resnet", "evaluate@flexible", "evaluate@resnet", "compare")
+BUDGET_SECONDS = 600
+TARGET_ACCURACY = 0.97
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "project"
+        work.mkdir()
+        for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+            shutil.copy(ROOT / name, work / name)
+        for name in ("stages", "src"):
+            shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(work / "src"),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
+
+        def run(*cmd: str) -> None:
+            subprocess.run(cmd, cwd=work, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        run("git", "init", "-q")
+        run(
+            "git",
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.com",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        )
+        run(sys.executable, "-m", "dvc", "init", "-q")
+        run(sys.executable, "-m", "inatpipe.cli", "data", "setup")
+
+        seconds = {}
+        for stage in STAGES:
+            start = time.perf_counter()
+            run(sys.executable, "-m", "dvc", "repro", "--single-item", stage)
+            seconds[stage] = time.perf_counter() - start
+        accuracy = json.loads((work / "metrics/evaluate/flexible/metrics.json").read_text())["test"]["accuracy"]
+        resnet = json.loads((work / "metrics/train_resnet/metrics.json").read_text())
+
+    total = sum(seconds.values())
+    print(f"cores: {os.cpu_count()}   python: {sys.version.split()[0]}")
+    for stage, s in seconds.items():
+        print(f"  {stage:<20} {s:7.1f} s")
+    print(f"pipeline total          {total:7.1f} s  = {total / BUDGET_SECONDS:.2f} x the {BUDGET_SECONDS} s budget")
+    print(
+        f"FlexibleCNN test acc    {accuracy:7.4f}    = {accuracy / TARGET_ACCURACY:.3f} x the {TARGET_ACCURACY} target"
+    )
+    print(f"ResNet50 pretrained     {resnet['pretrained']}")
+
+
+if __name__ == "__main__":
+    main()
