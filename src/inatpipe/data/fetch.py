@@ -24,7 +24,6 @@ def is_url(source: str) -> bool:
 def download(url: str, dest_dir: Path = DOWNLOAD_DIR) -> Path:
     """Download `url` into `dest_dir` with a progress bar; a complete earlier download is reused."""
     dest = dest_dir / Path(urllib.parse.urlparse(url).path).name
-    dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -32,6 +31,7 @@ def download(url: str, dest_dir: Path = DOWNLOAD_DIR) -> Path:
             if dest.is_file() and size == dest.stat().st_size:
                 print(f"using the earlier download {dest}")
                 return dest
+            dest_dir.mkdir(parents=True, exist_ok=True)
             with open(part, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
