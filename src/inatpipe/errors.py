@@ -14,12 +14,20 @@ class ConfigError(UserError):
     """A params.yaml key is unknown, missing, mistyped or out of range."""
 
 
+def one_line(error: UserError) -> str:
+    text = str(error).strip()
+    # A DataLoader worker's error comes back wrapped with the worker's traceback; its last line is the message.
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def exit_on_user_error(main: Callable[[], object]) -> None:
     """Run `main`; report a UserError or Ctrl-C as one line and a non-zero exit status."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
