@@ -47,6 +47,9 @@ class DataParams:
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "data.root", "a folder path", self.root)
+        _require(
+            self.test_dir != self.train_dir, "data.test_dir", "a different folder from data.train_dir", self.test_dir
+        )
         _require(0 < self.val_fraction < 1, "data.val_fraction", "between 0 and 1 (exclusive)", self.val_fraction)
         _require(self.image_size >= 8, "data.image_size", "an integer >= 8 (pixels)", self.image_size)
         _require(0 <= self.rotation <= 180, "data.rotation", "between 0 and 180 degrees", self.rotation)
