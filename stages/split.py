@@ -15,7 +15,8 @@ def main() -> None:
     pool = scan_folder(root / p.data.train_dir)
     test = scan_folder(root / p.data.test_dir)
     classes = sorted(pool["label"].unique())
-    check_test_classes(test, classes, p.data.test_dir)
+    for name in check_test_classes(test, classes, p.data.test_dir):
+        print(f"warning: class {name!r} has no images in {p.data.test_dir}/; its test metrics will be empty")
     train, val = stratified_split(pool, p.data.val_fraction, p.seed)
     for name, index in (("train", train), ("val", val), ("test", test)):
         write_index(index, SPLIT_DIR / f"{name}.csv")

@@ -105,6 +105,12 @@ def test_classification_metrics_match_a_worked_example():
     )
 
 
+def test_macro_f1_ignores_a_class_absent_from_the_test_set():
+    logits = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 5.0, -5.0]], dtype=torch.float64)
+    m = classification_metrics(Predictions(np.array([0, 1]), logits, 1.0), ["a", "b", "c"])
+    assert m["macro_f1"] == 1.0 and m["per_class"]["c"]["support"] == 0
+
+
 def test_device_choice():
     assert choose_device("cpu").type == "cpu"
     assert choose_device("auto").type in {"cpu", "cuda", "mps"}

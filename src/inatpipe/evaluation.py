@@ -31,8 +31,11 @@ class Predictions:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the timer measures computation rather than kernel launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 @torch.no_grad()
@@ -62,7 +65,9 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
     return {
         "loss": torch.nn.functional.cross_entropy(pred.logits, torch.from_numpy(y)).item(),
         "accuracy": float(accuracy_score(y, y_hat)),
-        "macro_f1": float(f1_score(y, y_hat, labels=labels, average="macro", zero_division=0)),
+        # Averaged over the classes that occur in the targets or predictions, as scikit-learn does by default:
+        # a class with no test images would otherwise count as F1 = 0.
+        "macro_f1": float(f1_score(y, y_hat, average="macro", zero_division=0)),
         "per_class": {
             name: {
                 "precision": float(precision[i]),

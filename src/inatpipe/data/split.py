@@ -27,10 +27,12 @@ def stratified_split(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[
     return train.sort_values("path").reset_index(drop=True), val.sort_values("path").reset_index(drop=True)
 
 
-def check_test_classes(test: pd.DataFrame, classes: list[str], test_dir: str) -> None:
+def check_test_classes(test: pd.DataFrame, classes: list[str], test_dir: str) -> list[str]:
+    """Reject test classes unknown to training; return the training classes that have no test images."""
     unknown = sorted(set(test["label"]) - set(classes))
     if unknown:
         raise UserError(
             f"test folder {test_dir}/ has class {unknown[0]!r} that the training folder lacks; "
             "both need the same class folders"
         )
+    return sorted(set(classes) - set(test["label"]))
