@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,13 +17,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from inatpipe.data.dataset import IndexDataset
+from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.fetch import fetch_dataset
 from inatpipe.data.index import read_index, scan_folder, write_index
 from inatpipe.data.sample import build_digits_sample
 from inatpipe.data.split import check_test_classes, stratified_split
 from inatpipe.data.stats import compute_stats
-from inatpipe.errors import UserError
+from inatpipe.errors import UserError, one_line
 
 from .conftest import ROOT, write_dataset, write_image_folder
 
@@ -78,6 +79,7 @@ def test_test_folder_must_not_bring_new_classes(tmp_path: Path):
     test = scan_folder(write_image_folder(tmp_path, classes=("a", "zebra"), per_class=1, size=4))
     with pytest.raises(UserError, match="class 'zebra'"):
         check_test_classes(test, ["a", "b"], "val")
+    assert check_test_classes(test, ["a", "b", "zebra"], "val") == ["b"]
 
 
 def test_index_round_trip_keeps_labels_as_strings(tmp_path: Path):
@@ -103,6 +105,18 @@ def test_dataset_reports_unreadable_images(tmp_path: Path):
     ds = IndexDataset(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"])
     with pytest.raises(UserError, match="broken.jpg is not a readable image"):
         ds[0]
+
+
+def test_errors_from_loader_workers_still_print_as_one_line(tmp_path: Path):
+    bad = tmp_path / "a" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a jpeg")
+    ds = IndexDataset(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"])
+    with pytest.raises(UserError) as err:
+        next(iter(make_loader(ds, 1, num_workers=1)))
+    assert "Original Traceback" in str(err.value)  # how torch re-raises a worker's error
+    assert one_line(err.value).startswith(f"{bad} is not a readable image")
+    assert "\n" not in one_line(err.value)
 
 
 def test_sample_is_byte_identical_and_matches_the_committed_data_dvc(tmp_path: Path):
@@ -204,6 +218,41 @@ def test_fetch_downloads_a_url_then_unpacks_it(tmp_path: Path, http_server: str,
         fetch_dataset(f"{http_server}/missing.zip", Path("data2"))
 
 
+class TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1,000 bytes and sends 10: a connection that drops mid-download."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"PK" + b"\0" * 8)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_cut_off_download_is_an_error_and_leaves_no_file(tmp_path: Path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TruncatingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(UserError, match="could not download .*closed after 10 of 1,000 bytes"):
+            fetch_dataset(f"http://127.0.0.1:{server.server_address[1]}/nature_12K.zip", Path("data"))
+    finally:
+        server.shutdown()
+    assert list((tmp_path / "downloads").iterdir()) == []
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_completed_download_is_reused_without_network(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "downloads").mkdir()
+    shutil.copy(make_zip(tmp_path), tmp_path / "downloads" / "nature_12K.zip")
+    # Port 9 on localhost has no server: any attempt to connect would fail.
+    out = fetch_dataset("http://127.0.0.1:9/nature_12K.zip", Path("data"))
+    assert len(scan_folder(out / "train")) == 9
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inatpipe.cli", *args], cwd=cwd, capture_output=True, text=True)
 
@@ -219,3 +268,37 @@ def test_cli_fetch_tracks_the_data_with_dvc(tmp_path: Path):
     again = run_cli("data", "fetch", str(archive), cwd=project)
     assert again.returncode == 2
     assert again.stderr.startswith("error: data/ already exists") and len(again.stderr.strip().splitlines()) == 1
+
+
+def dvc_project(path: Path) -> Path:
+    path.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
+    return path
+
+
+def test_setup_restores_data_from_the_dvc_cache(tmp_path: Path):
+    project = dvc_project(tmp_path / "project")
+    write_dataset(project / "data", train_per_class=2, test_per_class=1)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=project, check=True)
+    recorded = (project / "data.dvc").read_text()
+    shutil.rmtree(project / "data")
+    result = run_cli("data", "setup", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "restored data/ from the DVC cache" in result.stdout
+    assert len(scan_folder(project / "data" / "train")) == 6
+    assert (project / "data.dvc").read_text() == recorded
+
+
+def test_setup_never_rewrites_a_data_dvc_that_records_other_data(tmp_path: Path):
+    project = dvc_project(tmp_path / "project")
+    write_dataset(project / "data", train_per_class=2, test_per_class=1)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=project, check=True)
+    recorded = (project / "data.dvc").read_text()
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")  # as on a fresh clone: nothing cached, no remote
+    result = run_cli("data", "setup", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "records other data than the embedded sample" in result.stdout
+    assert (project / "data.dvc").read_text() == recorded
+    assert len(scan_folder(project / "data" / "train")) == 1797 - 355  # the sample was built

@@ -49,19 +49,35 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_setup(args: argparse.Namespace) -> None:
-    """Make data/ exist without network: keep what is there, else `dvc pull` from a remote, else build the sample."""
+    """Make data/ exist without network: keep it, else restore it from the DVC cache or a remote, else build the sample.
+
+    data.dvc is only rewritten when it records nothing else: a committed data.dvc for another dataset is kept.
+    """
     from inatpipe.data.sample import build_digits_sample
 
     if DATA.is_dir():
         print(f"{DATA}/ is present; leaving it as it is")
         return
-    if _dvc("remote", "list", check=False).stdout.strip():
-        if _dvc("pull", f"{DATA}.dvc", check=False).returncode == 0 and DATA.is_dir():
-            print(f"pulled {DATA}/ from the DVC remote")
+    tracked = Path(f"{DATA}.dvc")
+    if tracked.is_file():
+        if _dvc("checkout", str(tracked), check=False).returncode == 0 and DATA.is_dir():
+            print(f"restored {DATA}/ from the DVC cache")
             return
-        print("dvc pull did not bring data/; building the embedded sample instead")
+        if _dvc("remote", "list", check=False).stdout.strip():
+            if _dvc("pull", str(tracked), check=False).returncode == 0 and DATA.is_dir():
+                print(f"pulled {DATA}/ from the DVC remote")
+                return
+            print(f"dvc pull did not bring {DATA}/; building the embedded sample instead")
     n = build_digits_sample(DATA)
     print(f"wrote {n} images of the embedded digits sample to {DATA}/")
+    status = _dvc("status", "--json", str(tracked), check=False) if tracked.is_file() else None
+    if status is not None and status.stdout.strip() not in ("{}", ""):
+        print(
+            f"warning: {tracked} records other data than the embedded sample, and neither the DVC cache nor a remote "
+            f"has it; {tracked} is left unchanged. Get that data (`inatpipe data fetch --force ...`) or track the "
+            f"sample with `dvc add {DATA}`."
+        )
+        return
     _track(DATA)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import urllib.error
 import urllib.parse
@@ -22,25 +23,27 @@ def is_url(source: str) -> bool:
 
 
 def download(url: str, dest_dir: Path = DOWNLOAD_DIR) -> Path:
-    """Download `url` into `dest_dir` with a progress bar; a complete earlier download is reused."""
+    """Download `url` into `dest_dir` with a progress bar; a file an earlier run completed there is reused."""
     dest = dest_dir / Path(urllib.parse.urlparse(url).path).name
+    if dest.is_file():  # only a complete download is ever renamed to its final name
+        print(f"using the earlier download {dest} (delete it to download again)")
+        return dest
     part = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
-            if dest.is_file() and size == dest.stat().st_size:
-                print(f"using the earlier download {dest}")
-                return dest
             dest_dir.mkdir(parents=True, exist_ok=True)
             with open(part, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+        if size is not None and part.stat().st_size != size:
+            raise OSError(f"the connection closed after {part.stat().st_size:,} of {size:,} bytes")
+    except (OSError, http.client.HTTPException) as e:  # URLError and socket errors are OSErrors
         part.unlink(missing_ok=True)
         raise UserError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); download it by other means and run "
-            "`inatpipe data fetch path/to/nature_12K.zip`"
+            f"could not download {url} ({getattr(e, 'reason', e)}); try again, or download it by other means "
+            "and run `inatpipe data fetch path/to/nature_12K.zip`"
         ) from None
     part.rename(dest)
     return dest
@@ -81,22 +84,28 @@ def fetch_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        path = download(source) if is_url(source) else Path(source)
-        if path.is_dir():
-            root = find_dataset_root(path, train_dir, test_dir)
-            shutil.copytree(root, staging / "dataset")
-            root = staging / "dataset"
-        elif path.is_file() and zipfile.is_zipfile(path):
-            extract_zip(path, staging)
-            root = find_dataset_root(staging, train_dir, test_dir)
-        elif path.exists():
-            raise UserError(f"{source} is neither a zip file nor a folder")
-        else:
-            raise UserError(f"{source} not found; give a URL, a .zip file or a folder")
-        # Swap only once the new data is complete, so a failure above leaves the old data untouched.
-        if out.exists():
-            shutil.rmtree(out)
-        root.rename(out)
+        _unpack(source, out, staging, train_dir, test_dir)
+    except OSError as e:  # disk full, permissions
+        raise UserError(f"could not put {source} into {out}/ ({e}); free space or fix permissions and retry") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _unpack(source: str, out: Path, staging: Path, train_dir: str, test_dir: str) -> None:
+    path = download(source) if is_url(source) else Path(source)
+    if path.is_dir():
+        root = find_dataset_root(path, train_dir, test_dir)
+        shutil.copytree(root, staging / "dataset")
+        root = staging / "dataset"
+    elif path.is_file() and zipfile.is_zipfile(path):
+        extract_zip(path, staging)
+        root = find_dataset_root(staging, train_dir, test_dir)
+    elif path.exists():
+        raise UserError(f"{source} is neither a zip file nor a folder")
+    else:
+        raise UserError(f"{source} not found; give a URL, a .zip file or a folder")
+    # Swap only once the new data is complete, so a failure above leaves the old data untouched.
+    if out.exists():
+        shutil.rmtree(out)
+    root.rename(out)
