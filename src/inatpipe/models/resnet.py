@@ -98,7 +98,8 @@ def load_pretrained(model: TransferResNet, weights: str, arch: str, require: boo
             f"\n{'!' * 78}\nWARNING: ImageNet weights for {arch} could not be loaded ({e}).\n"
             "The backbone starts from RANDOM weights, so expect poor accuracy; metrics record pretrained: false.\n"
             f"To use real weights: download {enum.url}\n"
-            f"  to {cache} (torchvision's cache), or set resnet.weights: path/to/state_dict.pth.\n"
+            f"  to {cache} (torchvision's cache), or set resnet.weights: path/to/state_dict.pth,\n"
+            "  then retrain: dvc repro --force --single-item train_resnet && dvc repro\n"
             f"Set resnet.require_pretrained: true to stop here instead.\n{'!' * 78}\n",
             file=sys.stderr,
         )
