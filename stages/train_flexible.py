@@ -16,7 +16,7 @@ def main() -> None:
     generator = seed_everything(p.seed)
     data = training_data(p.data, p.train.batch_size, generator, device)
     config = {"image_size": p.data.image_size, **as_dict(p.model)}
-    model = build_model("flexible_cnn", len(data.classes), config).to(device)
+    model = build_model("flexible_cnn", len(data.classes), config)
     optimizer = torch.optim.Adam(model.parameters(), lr=p.train.learning_rate, weight_decay=p.train.weight_decay)
     train_and_track(
         model,

@@ -21,7 +21,6 @@ def main() -> None:
     config = {"arch": ARCH, "freeze_backbone": True}
     model = build_model("resnet", len(data.classes), config)
     pretrained = load_pretrained(model, p.resnet.weights, ARCH, p.resnet.require_pretrained)
-    model.to(device)
     head = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.Adam(head, lr=p.resnet.learning_rate, weight_decay=p.resnet.weight_decay)
     train_and_track(

@@ -277,12 +277,17 @@ def dvc_project(path: Path) -> Path:
     return path
 
 
-def test_setup_restores_data_from_the_dvc_cache(tmp_path: Path):
+def tracked_project_without_data(tmp_path: Path) -> tuple[Path, str]:
+    """A DVC project whose data.dvc records a small dataset that was then deleted; returns (project, data.dvc)."""
     project = dvc_project(tmp_path / "project")
     write_dataset(project / "data", train_per_class=2, test_per_class=1)
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=project, check=True)
-    recorded = (project / "data.dvc").read_text()
     shutil.rmtree(project / "data")
+    return project, (project / "data.dvc").read_text()
+
+
+def test_setup_restores_data_from_the_dvc_cache(tmp_path: Path):
+    project, recorded = tracked_project_without_data(tmp_path)
     result = run_cli("data", "setup", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "restored data/ from the DVC cache" in result.stdout
@@ -291,11 +296,7 @@ def test_setup_restores_data_from_the_dvc_cache(tmp_path: Path):
 
 
 def test_setup_never_rewrites_a_data_dvc_that_records_other_data(tmp_path: Path):
-    project = dvc_project(tmp_path / "project")
-    write_dataset(project / "data", train_per_class=2, test_per_class=1)
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=project, check=True)
-    recorded = (project / "data.dvc").read_text()
-    shutil.rmtree(project / "data")
+    project, recorded = tracked_project_without_data(tmp_path)
     shutil.rmtree(project / ".dvc" / "cache")  # as on a fresh clone: nothing cached, no remote
     result = run_cli("data", "setup", cwd=project)
     assert result.returncode == 0, result.stderr

@@ -128,12 +128,14 @@ def test_invalid_yaml_names_the_line(tmp_path: Path):
         load_params(tmp_path / "params.yaml")
 
 
+def run_stage(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / script)], cwd=cwd, capture_output=True, text=True)
+
+
 def test_stage_reports_bad_params_in_one_line_without_traceback(tmp_path: Path):
     text = (ROOT / "params.yaml").read_text().replace("kernel_size: 3", "kernel_size: 4", 1)
     (tmp_path / "params.yaml").write_text(text)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train_flexible.py")], cwd=tmp_path, capture_output=True, text=True
-    )
+    result = run_stage("train_flexible.py", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: model.kernel_size must be an odd integer >= 1 "
@@ -144,9 +146,7 @@ def test_stage_reports_bad_params_in_one_line_without_traceback(tmp_path: Path):
 
 def test_stage_without_data_says_how_to_get_it(tmp_path: Path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "split.py")], cwd=tmp_path, capture_output=True, text=True
-    )
+    result = run_stage("split.py", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: data/train/ not found; run `make data` for the embedded sample "

@@ -78,7 +78,7 @@ def fit(
 ) -> Iterator[EpochMetrics]:
     """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    model.to(device)
+    model.to(device)  # moves parameters in place, so an optimizer built before this call still holds them
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
         train_loss, train_acc = train_one_epoch(
