@@ -1,10 +1,8 @@
-"""Stage train_flexible: FlexibleCNN from scratch with Adam; keeps the best-on-val checkpoint."""
-
-import torch
+"""Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint."""
 
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
-from inatpipe.experiment import train_and_track, training_data
+from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
 from inatpipe.params import as_dict, load_params
 from inatpipe.runtime import choose_device, seed_everything
@@ -17,12 +15,10 @@ def main() -> None:
     data = training_data(p.data, p.train.batch_size, generator, device)
     config = {"image_size": p.data.image_size, **as_dict(p.model)}
     model = build_model("flexible_cnn", len(data.classes), config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.train.learning_rate, weight_decay=p.train.weight_decay)
-    train_and_track(
+    train_with_recipe(
         model,
-        optimizer,
         data,
-        epochs=p.train.epochs,
+        p.train,
         device=device,
         live_dir=paths.train_metrics_dir("flexible"),
         checkpoint=paths.checkpoint("flexible"),

@@ -1,10 +1,8 @@
 """Stage train_resnet: ResNet50 transfer learning, frozen backbone (ImageNet weights when available), new head."""
 
-import torch
-
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
-from inatpipe.experiment import train_and_track, training_data
+from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
@@ -21,13 +19,10 @@ def main() -> None:
     config = {"arch": ARCH, "freeze_backbone": True}
     model = build_model("resnet", len(data.classes), config)
     pretrained = load_pretrained(model, p.resnet.weights, ARCH, p.resnet.require_pretrained)
-    head = [param for param in model.parameters() if param.requires_grad]
-    optimizer = torch.optim.Adam(head, lr=p.resnet.learning_rate, weight_decay=p.resnet.weight_decay)
-    train_and_track(
+    train_with_recipe(  # the recipe's optimizer takes only the trainable parameters: the head
         model,
-        optimizer,
         data,
-        epochs=p.resnet.epochs,
+        p.resnet,
         device=device,
         live_dir=paths.train_metrics_dir("resnet"),
         checkpoint=paths.checkpoint("resnet"),

@@ -37,8 +37,11 @@ def test_shipped_params_load_with_the_documented_keys():
     assert p.seed == 42
     assert p.data.test_dir == "val" and p.data.val_fraction == 0.2
     assert p.model.num_filters == (32, 64, 128, 256, 512)
-    assert p.train.batch_size == 64 and p.train.learning_rate == pytest.approx(1e-3)
+    assert p.train.batch_size == 64 and p.train.learning_rate == pytest.approx(2e-3)
+    assert (p.train.optimizer, p.train.scheduler, p.train.label_smoothing) == ("adamw", "cosine", 0.1)
     assert p.resnet.weights == "imagenet" and p.resnet.batch_size == 32
+    # One set of recipe keys for both training stages.
+    assert [f for f in vars(p.train)] == [f for f in vars(p.resnet) if f not in ("weights", "require_pretrained")]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,18 @@ def test_shipped_params_load_with_the_documented_keys():
         ("train.learning_rate", 0.0, "train.learning_rate must be a positive number"),
         ("train.epochs", 0, "train.epochs must be an integer >= 1"),
         ("resnet.batch_size", 2.5, "resnet.batch_size must be an integer"),
+        ("train.optimizer", "rmsprop", "train.optimizer must be one of adam, adamw, sgd, got 'rmsprop'"),
+        ("resnet.optimizer", "Adam", "resnet.optimizer must be one of adam, adamw, sgd"),
+        ("train.scheduler", "step", "train.scheduler must be one of constant, cosine, onecycle, got 'step'"),
+        ("resnet.scheduler", None, "resnet.scheduler must be a string"),
+        ("train.warmup_epochs", -0.5, "train.warmup_epochs must be a number of epochs >= 0 and below train.epochs"),
+        ("train.warmup_epochs", 10, "train.warmup_epochs must be a number of epochs >= 0 and below train.epochs (10)"),
+        ("train.label_smoothing", 1.0, "train.label_smoothing must be in [0, 1)"),
+        ("resnet.label_smoothing", -0.1, "resnet.label_smoothing must be in [0, 1)"),
+        ("train.patience", -1, "train.patience must be an integer >= 0 (0 turns early stopping off)"),
+        ("train.patience", 2.5, "train.patience must be an integer"),
+        ("resnet.grad_clip", -1.0, "resnet.grad_clip must be a number >= 0"),
+        ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
         ("data.val_fraction", 1.0, "data.val_fraction must be between 0 and 1"),
         ("data.image_size", 4, "data.image_size must be an integer >= 8"),
         ("data.test_dir", "train", "data.test_dir must be a different folder from data.train_dir"),
@@ -113,7 +128,7 @@ def test_every_listed_activation_exists_in_torch():
 
 
 def test_exponent_floats_read_as_numbers(tmp_path: Path):
-    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 1.0e-3", "learning_rate: 1e-4", 1)
+    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 2.0e-3", "learning_rate: 1e-4", 1)
     (tmp_path / "params.yaml").write_text(text)
     assert load_params(tmp_path / "params.yaml").train.learning_rate == pytest.approx(1e-4)
 

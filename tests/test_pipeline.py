@@ -23,10 +23,11 @@ from .conftest import ROOT, write_dataset
 
 pytestmark = pytest.mark.slow
 
+SMALL_LR = 1.0e-3
 SMALL_PARAMS = {
     "data": {"image_size": 16},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
-    "train": {"epochs": 2, "batch_size": 8},
+    "train": {"epochs": 2, "batch_size": 8, "scheduler": "constant", "warmup_epochs": 0.0, "learning_rate": SMALL_LR},
     "resnet": {"epochs": 1, "batch_size": 8},
     "evaluate": {"batch_size": 16},
 }
@@ -196,3 +197,20 @@ def test_exp_run_with_a_param_changes_the_metrics(project: Project):
     assert {k: params_diff["params.yaml"]["model.kernel_size"][k] for k in ("old", "new")} == {"old": 3, "new": 5}
     rows = list(csv.DictReader(io.StringIO(project.dvc("exp", "show", "--csv").stdout)))
     assert {row["model.kernel_size"] for row in rows} >= {"3", "5"}
+
+
+def test_exp_run_with_a_scheduler_logs_its_learning_rate_curve(project: Project):
+    def rates() -> list[float]:
+        tsv = (project.root / "metrics/train_flexible/plots/metrics/train/lr.tsv").read_text().splitlines()
+        assert tsv[0] == "step\tlr"
+        return [float(line.split("\t")[1]) for line in tsv[1:]]
+
+    assert rates() == [pytest.approx(SMALL_LR)] * 2  # the constant baseline: one rate per epoch
+    result = project.dvc("exp", "run", "-S", "train.scheduler=cosine", "-S", "train.epochs=3")
+    assert "Running stage 'train_flexible'" in result.stdout and "Running stage 'train_resnet'" not in result.stdout
+    cosine = rates()
+    assert len(cosine) == 3 and cosine[0] > cosine[1] > cosine[2] and cosine[2] < SMALL_LR * 0.05
+    summary = project.json("metrics/train_flexible/metrics.json")
+    assert summary["stop"] == {"epoch": 3, "reason": "completed"}
+    plots = json.loads(project.dvc("plots", "show", "--json").stdout)
+    assert "Learning rate" in plots["data"]

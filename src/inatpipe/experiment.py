@@ -1,12 +1,13 @@
 """What the training stages share: loaders from the split and stats files, and a tracked run of `fit`.
 
-`train_and_track` wires the dvclive-free loop in `training.py` to dvclive, keeps the best-on-val checkpoint,
-and returns the run's summary metrics.
+`train_with_recipe` builds the recipe around a model and runs the dvclive-free loop in `training.py`; `track`
+logs each epoch to dvclive, keeps the best-on-val checkpoint, stops early, and returns the run's summary metrics.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from inatpipe.data.index import read_classes, read_index
 from inatpipe.data.stats import read_stats
 from inatpipe.data.transforms import eval_transform, train_transform
 from inatpipe.models import count_parameters
-from inatpipe.params import DataParams
+from inatpipe.params import DataParams, RecipeParams
 from inatpipe.paths import SPLIT_DIR, STATS_FILE
-from inatpipe.training import fit
+from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
+from inatpipe.training import EpochMetrics, fit
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,11 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     )
 
 
-def train_and_track(
+def train_with_recipe(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     data: TrainingData,
+    recipe: RecipeParams,
     *,
-    epochs: int,
     device: torch.device,
     live_dir: Path,
     checkpoint: Path,
@@ -73,20 +74,62 @@ def train_and_track(
     model_config: dict,
     summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `fit`, log each epoch to dvclive (step = epoch), save the best-on-val checkpoint; return the summary."""
+    """Build the recipe's optimizer, schedule and loss around `model`, run `fit`, and track it; returns the summary."""
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
+    history = fit(
+        model,
+        optimizer,
+        data.train,
+        data.val,
+        recipe.epochs,
+        device,
+        loss_fn=training_loss(recipe),
+        scheduler=scheduler,
+        grad_clip=recipe.grad_clip,
+    )
+    return track(
+        model,
+        history,
+        data,
+        epochs=recipe.epochs,
+        patience=recipe.patience,
+        live_dir=live_dir,
+        checkpoint=checkpoint,
+        model_name=model_name,
+        model_config=model_config,
+        summary=summary,
+    )
+
+
+def track(
+    model: nn.Module,
+    history: Iterable[EpochMetrics],
+    data: TrainingData,
+    *,
+    epochs: int,
+    patience: int,
+    live_dir: Path,
+    checkpoint: Path,
+    model_name: str,
+    model_config: dict,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Consume `history` epoch by epoch: log to dvclive (step = epoch), save the best-on-val checkpoint, and stop
+    early after `patience` epochs without improvement (0: never). Returns the run's summary metrics."""
     total, trainable = count_parameters(model)
-    best_acc, best_loss, best_epoch = -1.0, float("inf"), 0
+    progress = Progress(patience=patience)
     start = time.perf_counter()
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-        for m in fit(model, optimizer, data.train, data.val, epochs, device):
+        for m in history:
             live.step = m.epoch
             live.log_metric("train/loss", m.train_loss)
             live.log_metric("train/accuracy", m.train_accuracy)
+            live.log_metric("train/lr", m.lr)
             live.log_metric("val/loss", m.val_loss)
             live.log_metric("val/accuracy", m.val_accuracy)
-            improved = m.val_accuracy > best_acc or (m.val_accuracy == best_acc and m.val_loss < best_loss)
+            improved = progress.update(m)
             if improved:
-                best_acc, best_loss, best_epoch = m.val_accuracy, m.val_loss, m.epoch
                 save_checkpoint(
                     checkpoint,
                     model,
@@ -100,11 +143,23 @@ def train_and_track(
                 )
             tqdm.write(
                 f"epoch {m.epoch}/{epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}  "
-                f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  {m.seconds:.1f}s{'  *best' if improved else ''}"
+                f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
+                f"{'  *best' if improved else ''}"
             )
+            if progress.should_stop:
+                tqdm.write(
+                    f"early stopping after epoch {m.epoch}: no better val accuracy for {patience} epochs; "
+                    f"keeping epoch {progress.best_epoch} (val acc {progress.best_val_accuracy:.4f})"
+                )
+                break
         live.summary.update(
             {
-                "best": {"epoch": best_epoch, "val_accuracy": best_acc, "val_loss": best_loss},
+                "best": {
+                    "epoch": progress.best_epoch,
+                    "val_accuracy": progress.best_val_accuracy,
+                    "val_loss": progress.best_val_loss,
+                },
+                "stop": {"epoch": progress.last_epoch, "reason": progress.stop_reason},
                 "train_seconds": round(time.perf_counter() - start, 2),
                 "params_total": total,
                 "params_trainable": trainable,

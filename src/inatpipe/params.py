@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -25,6 +25,8 @@ ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh
 POOLINGS = ("max", "avg")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RESNET_WEIGHTS = ("imagenet", "none")  # or a path to a state_dict file
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("constant", "cosine", "onecycle")
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -98,36 +100,60 @@ class ModelParams:
         _require(self.dense_neurons >= 1, "model.dense_neurons", "an integer >= 1", self.dense_neurons)
 
 
-def _check_optimizer(section: str, epochs: int, batch_size: int, learning_rate: float, weight_decay: float) -> None:
-    _require(epochs >= 1, f"{section}.epochs", "an integer >= 1", epochs)
-    _require(batch_size >= 1, f"{section}.batch_size", "an integer >= 1", batch_size)
-    _require(learning_rate > 0, f"{section}.learning_rate", "a positive number, e.g. 1.0e-3", learning_rate)
-    _require(weight_decay >= 0, f"{section}.weight_decay", "a number >= 0", weight_decay)
-
-
 @dataclass(frozen=True)
-class TrainParams:
-    """How FlexibleCNN is trained (Adam + cross-entropy)."""
+class RecipeParams:
+    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping.
+
+    One set of keys, one implementation (recipe.py), two sections: `train` (FlexibleCNN) and `resnet`.
+    """
+
+    SECTION: ClassVar[str] = "recipe"
 
     epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     weight_decay: float
+    scheduler: str
+    warmup_epochs: float
+    label_smoothing: float
+    patience: int
+    grad_clip: float
 
     def __post_init__(self) -> None:
-        _check_optimizer("train", self.epochs, self.batch_size, self.learning_rate, self.weight_decay)
+        s = self.SECTION
+        _require(self.epochs >= 1, f"{s}.epochs", "an integer >= 1", self.epochs)
+        _require(self.batch_size >= 1, f"{s}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.optimizer in OPTIMIZERS, f"{s}.optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
+        _require(self.learning_rate > 0, f"{s}.learning_rate", "a positive number, e.g. 1.0e-3", self.learning_rate)
+        _require(self.weight_decay >= 0, f"{s}.weight_decay", "a number >= 0", self.weight_decay)
+        _require(self.scheduler in SCHEDULERS, f"{s}.scheduler", f"one of {', '.join(SCHEDULERS)}", self.scheduler)
+        _require(
+            0 <= self.warmup_epochs < self.epochs,
+            f"{s}.warmup_epochs",
+            f"a number of epochs >= 0 and below {s}.epochs ({self.epochs})",
+            self.warmup_epochs,
+        )
+        _require(0 <= self.label_smoothing < 1, f"{s}.label_smoothing", "in [0, 1)", self.label_smoothing)
+        _require(self.patience >= 0, f"{s}.patience", "an integer >= 0 (0 turns early stopping off)", self.patience)
+        _require(self.grad_clip >= 0, f"{s}.grad_clip", "a number >= 0 (0 turns clipping off)", self.grad_clip)
 
 
 @dataclass(frozen=True)
-class ResnetParams:
-    """ResNet50 transfer learning: frozen backbone, new head trained with Adam."""
+class TrainParams(RecipeParams):
+    """How FlexibleCNN is trained."""
+
+    SECTION: ClassVar[str] = "train"
+
+
+@dataclass(frozen=True)
+class ResnetParams(RecipeParams):
+    """ResNet50 transfer learning: frozen backbone, new head, trained with the same recipe keys as `train`."""
+
+    SECTION: ClassVar[str] = "resnet"
 
     weights: str
     require_pretrained: bool
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
 
     def __post_init__(self) -> None:
         _require(
@@ -136,7 +162,7 @@ class ResnetParams:
             f"one of {', '.join(RESNET_WEIGHTS)} or a path to a state_dict file",
             self.weights,
         )
-        _check_optimizer("resnet", self.epochs, self.batch_size, self.learning_rate, self.weight_decay)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The training loop: one epoch of training, one pass of evaluation, and `fit`, which yields per-epoch metrics.
 
-It knows nothing of params.yaml, logging or checkpoints: callers build the model, optimizer and loaders,
-and decide what to do with each epoch's metrics.
+It knows nothing of params.yaml, logging or checkpoints: callers build the model, optimizer, schedule and loaders,
+and decide what to do with each epoch's metrics (early stopping included).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,6 +25,24 @@ class EpochMetrics:
     val_loss: float
     val_accuracy: float
     seconds: float
+    lr: float  # learning rate of the epoch's last batch (first parameter group)
+
+
+def _update(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    grad_clip: float,
+) -> None:
+    """One optimizer step from `loss`: backward, optional gradient-norm clipping, step, then the per-batch schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def train_one_epoch(
@@ -33,23 +52,24 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     desc: str = "train",
-) -> tuple[float, float]:
-    """One pass over `loader`; returns (mean loss, accuracy) over the samples seen."""
+    scheduler: LRScheduler | None = None,
+    grad_clip: float = 0.0,
+) -> tuple[float, float, float]:
+    """One pass over `loader`; returns (mean loss, accuracy) over the samples seen, and the last batch's rate."""
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
     bar = tqdm(loader, desc=desc, unit="batch", disable=None, leave=False)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        _update(model, loss, optimizer, scheduler, grad_clip)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return loss_sum / seen, correct / seen
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}")
+    return loss_sum / seen, correct / seen, lr
 
 
 @torch.no_grad()
@@ -75,14 +95,21 @@ def fit(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     start_epoch: int = 0,
+    scheduler: LRScheduler | None = None,
+    grad_clip: float = 0.0,
 ) -> Iterator[EpochMetrics]:
-    """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics."""
+    """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics.
+
+    `loss_fn` is the training loss (label smoothing lives there); validation loss is plain cross-entropy, so it
+    stays comparable between runs with different smoothing. `scheduler` is stepped after every batch.
+    """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    val_loss_fn = nn.CrossEntropyLoss()
     model.to(device)  # moves parameters in place, so an optimizer built before this call still holds them
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, f"epoch {epoch}/{epochs}"
+        train_loss, train_acc, lr = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device, f"epoch {epoch}/{epochs}", scheduler, grad_clip
         )
-        val_loss, val_acc = evaluate(model, val_loader, loss_fn, device)
-        yield EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - start)
+        val_loss, val_acc = evaluate(model, val_loader, val_loss_fn, device)
+        yield EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - start, lr)
