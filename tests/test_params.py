@@ -74,6 +74,7 @@ def test_shipped_params_load_with_the_documented_keys():
         ("train.patience", -1, "train.patience must be an integer >= 0 (0 turns early stopping off)"),
         ("train.patience", 2.5, "train.patience must be an integer"),
         ("resnet.grad_clip", -1.0, "resnet.grad_clip must be a number >= 0"),
+        ("train.max_minutes", -5, "train.max_minutes must be a number >= 0 (0: no time limit)"),
         ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
         ("data.val_fraction", 1.0, "data.val_fraction must be between 0 and 1"),
         ("data.image_size", 4, "data.image_size must be an integer >= 8"),

@@ -34,6 +34,7 @@ RECIPE = TrainParams(
     label_smoothing=0.0,
     patience=0,
     grad_clip=0.0,
+    max_minutes=0.0,
 )
 
 
@@ -154,10 +155,10 @@ def test_gradient_clipping_bounds_the_gradient_norm_of_each_step(dataset: Path):
     assert grad_norm_after_step(unclipped * 2) == pytest.approx(unclipped, rel=1e-6)  # a loose cap changes nothing
 
 
-def scripted(accuracies: list[float], losses: list[float] | None = None) -> list[EpochMetrics]:
+def scripted(accuracies: list[float], losses: list[float] | None = None, seconds: float = 0.1) -> list[EpochMetrics]:
     losses = losses or [1.0] * len(accuracies)
     return [
-        EpochMetrics(i + 1, 1.0, 0.5, loss, acc, 0.1, 1e-3)
+        EpochMetrics(i + 1, 1.0, 0.5, loss, acc, seconds, 1e-3)
         for i, (acc, loss) in enumerate(zip(accuracies, losses, strict=True))
     ]
 
@@ -166,13 +167,14 @@ def scripted(accuracies: list[float], losses: list[float] | None = None) -> list
     ("accuracies", "patience", "stop_epoch", "best_epoch", "reason"),
     [
         ([0.5, 0.7, 0.6, 0.65, 0.7, 0.9, 0.95], 3, 5, 2, "early_stopping"),  # equal accuracy is no improvement
-        ([0.5, 0.7, 0.6, 0.8, 0.7, 0.75], 2, 6, 4, "early_stopping"),
+        ([0.5, 0.7, 0.6, 0.8, 0.7, 0.75, 0.9], 2, 6, 4, "early_stopping"),
+        ([0.5, 0.7, 0.6, 0.8, 0.7, 0.75], 2, 6, 4, "completed"),  # patience runs out at the last epoch anyway
         ([0.5, 0.4, 0.3, 0.2], 0, 4, 1, "completed"),  # patience 0: never stop
         ([0.1, 0.2, 0.3], 1, 3, 3, "completed"),
     ],
 )
 def test_early_stopping_stops_at_the_right_epoch(accuracies, patience, stop_epoch, best_epoch, reason):
-    progress = Progress(patience=patience)
+    progress = Progress(epochs=len(accuracies), patience=patience)
     seen = []
     for m in scripted(accuracies):
         progress.update(m)
@@ -184,10 +186,25 @@ def test_early_stopping_stops_at_the_right_epoch(accuracies, patience, stop_epoc
 
 
 def test_equal_accuracy_with_lower_loss_counts_as_better():
-    progress = Progress(patience=1)
+    progress = Progress(epochs=3, patience=1)
     for m in scripted([0.8, 0.8], losses=[0.5, 0.4]):
         progress.update(m)
     assert progress.best_epoch == 2 and not progress.should_stop
+
+
+@pytest.mark.parametrize(
+    ("max_seconds", "stop_epoch", "reason"),
+    [(35.0, 3, "time_budget"), (40.0, 4, "time_budget"), (0.0, 6, "completed"), (1000.0, 6, "completed")],
+)
+def test_time_budget_stops_before_an_epoch_that_would_overrun_it(max_seconds, stop_epoch, reason):
+    """Epochs of 10 s: epoch k ends at 10k s, and the next is expected to take as long as the last one."""
+    progress = Progress(epochs=6, max_seconds=max_seconds)
+    for m in scripted([0.1, 0.2, 0.3, 0.25, 0.5, 0.6], seconds=10.0):
+        progress.update(m, elapsed_seconds=10.0 * m.epoch)
+        if progress.should_stop:
+            break
+    assert (progress.last_epoch, progress.stop_reason) == (stop_epoch, reason)
+    assert progress.best_epoch == min(stop_epoch, 3) if stop_epoch < 5 else progress.best_epoch == 6
 
 
 def tiny_loaders(dataset: Path) -> TrainingData:

@@ -94,6 +94,7 @@ def train_with_recipe(
         data,
         epochs=recipe.epochs,
         patience=recipe.patience,
+        max_minutes=recipe.max_minutes,
         live_dir=live_dir,
         checkpoint=checkpoint,
         model_name=model_name,
@@ -113,12 +114,14 @@ def track(
     checkpoint: Path,
     model_name: str,
     model_config: dict,
+    max_minutes: float = 0.0,
     summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), save the best-on-val checkpoint, and stop
-    early after `patience` epochs without improvement (0: never). Returns the run's summary metrics."""
+    early after `patience` epochs without improvement or before an epoch that would end past `max_minutes`
+    (0: neither). Returns the run's summary metrics."""
     total, trainable = count_parameters(model)
-    progress = Progress(patience=patience)
+    progress = Progress(epochs=epochs, patience=patience, max_seconds=max_minutes * 60)
     start = time.perf_counter()
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         for m in history:
@@ -128,7 +131,7 @@ def track(
             live.log_metric("train/lr", m.lr)
             live.log_metric("val/loss", m.val_loss)
             live.log_metric("val/accuracy", m.val_accuracy)
-            improved = progress.update(m)
+            improved = progress.update(m, time.perf_counter() - start)
             if improved:
                 save_checkpoint(
                     checkpoint,
@@ -147,8 +150,12 @@ def track(
                 f"{'  *best' if improved else ''}"
             )
             if progress.should_stop:
+                why = {
+                    "early_stopping": f"no better val accuracy for {patience} epochs",
+                    "time_budget": f"another epoch would end past the {max_minutes:g}-minute budget",
+                }[progress.stop_reason]
                 tqdm.write(
-                    f"early stopping after epoch {m.epoch}: no better val accuracy for {patience} epochs; "
+                    f"stopping after epoch {m.epoch} of {epochs}: {why}; "
                     f"keeping epoch {progress.best_epoch} (val acc {progress.best_val_accuracy:.4f})"
                 )
                 break

@@ -102,7 +102,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class RecipeParams:
-    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping.
+    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping, budget.
 
     One set of keys, one implementation (recipe.py), two sections: `train` (FlexibleCNN) and `resnet`.
     """
@@ -119,6 +119,7 @@ class RecipeParams:
     label_smoothing: float
     patience: int
     grad_clip: float
+    max_minutes: float
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -137,6 +138,7 @@ class RecipeParams:
         _require(0 <= self.label_smoothing < 1, f"{s}.label_smoothing", "in [0, 1)", self.label_smoothing)
         _require(self.patience >= 0, f"{s}.patience", "an integer >= 0 (0 turns early stopping off)", self.patience)
         _require(self.grad_clip >= 0, f"{s}.grad_clip", "a number >= 0 (0 turns clipping off)", self.grad_clip)
+        _require(self.max_minutes >= 0, f"{s}.max_minutes", "a number >= 0 (0: no time limit)", self.max_minutes)
 
 
 @dataclass(frozen=True)

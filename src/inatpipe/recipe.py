@@ -97,25 +97,33 @@ def is_better(m: EpochMetrics, best_accuracy: float, best_loss: float) -> bool:
 class Progress:
     """The best epoch so far, and whether and why training should stop; what a run's summary reports."""
 
+    epochs: int  # the planned number of epochs: the epoch cap
     patience: int = 0  # epochs without improvement before stopping; 0 = never
+    max_seconds: float = 0.0  # wall-time budget; 0 = none
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     best_val_loss: float = math.inf
     epochs_without_improvement: int = 0
     last_epoch: int = 0
-    stop_reason: str = "completed"  # completed | early_stopping
+    stop_reason: str = "completed"  # completed | early_stopping | time_budget
 
-    def update(self, m: EpochMetrics) -> bool:
-        """Record epoch `m`; returns whether it is the new best."""
+    def update(self, m: EpochMetrics, elapsed_seconds: float = 0.0) -> bool:
+        """Record epoch `m`, which ended `elapsed_seconds` into the run; returns whether it is the new best."""
         self.last_epoch = m.epoch
-        if is_better(m, self.best_val_accuracy, self.best_val_loss):
+        improved = is_better(m, self.best_val_accuracy, self.best_val_loss)
+        if improved:
             self.best_epoch, self.best_val_accuracy, self.best_val_loss = m.epoch, m.val_accuracy, m.val_loss
             self.epochs_without_improvement = 0
-            return True
-        self.epochs_without_improvement += 1
+        else:
+            self.epochs_without_improvement += 1
+        if m.epoch >= self.epochs:
+            return improved
         if self.patience and self.epochs_without_improvement >= self.patience:
             self.stop_reason = "early_stopping"
-        return False
+        # An epoch like the last one would end past the budget: stop now rather than overrun it.
+        elif self.max_seconds and elapsed_seconds + m.seconds > self.max_seconds:
+            self.stop_reason = "time_budget"
+        return improved
 
     @property
     def should_stop(self) -> bool:
