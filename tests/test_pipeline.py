@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dvc_render.html
 import pytest
 import torch
 import torchvision
 import yaml
 
+from .browser import chromium, render_offline, rendered_charts
 from .conftest import ROOT, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -84,6 +86,8 @@ def project(tmp_path_factory) -> Project:
     p.git("config", "user.email", "test@example.com")
     p.git("config", "user.name", "test")
     p.dvc("init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the committed settings: the offline plots page
+    shutil.copytree(ROOT / "vendor", root / "vendor")
     p.dvc("add", "-q", "data")
     p.git("add", "-A")
     p.git("commit", "-qm", "project with tiny data")
@@ -139,11 +143,29 @@ def test_second_repro_finds_everything_up_to_date(project: Project):
     assert "Data and pipelines are up to date." in out
 
 
-def test_plots_render_without_network(project: Project):
-    project.dvc("plots", "show", "-o", "plots_html")
-    html = (project.root / "plots_html" / "index.html").read_text()
-    assert "confusion" in html.lower() and "FlexibleCNN loss" in html
-    shutil.rmtree(project.root / "plots_html")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="needs Chromium to render the plots page (Debian: apt-get install chromium chromium-driver)",
+)
+def test_plots_render_without_network(project: Project, tmp_path: Path):
+    """`dvc plots show` and `dvc plots diff`, with no flags, give pages whose every chart draws with networking off."""
+    project.dvc("plots", "show", "-o", str(tmp_path / "show"))
+    project.dvc("plots", "diff", "HEAD", "-o", str(tmp_path / "diff"))
+    for name in ("show", "diff"):
+        page = tmp_path / name / "index.html"
+        html = page.read_text()
+        assert "cdn.jsdelivr" not in html and "FlexibleCNN loss" in html
+        expected = html.count("vegaEmbed(")
+        assert expected >= 12  # 4 learning curves + overlaid curves + 2 x (confusion, per-class F1) at least
+        charts = rendered_charts(render_offline(page))
+        assert len(charts) == expected and all(charts.values()), charts
+
+    # The same plots on DVC's stock page (scripts from a CDN) draw nothing offline: the check above can fail.
+    stock = tmp_path / "stock.html"
+    stock.write_text(dvc_render.html.PAGE_HTML)
+    project.dvc("plots", "show", "--html-template", str(stock), "-o", str(tmp_path / "stock"))
+    assert "cdn.jsdelivr" in (tmp_path / "stock" / "index.html").read_text()
+    assert not any(rendered_charts(render_offline(tmp_path / "stock" / "index.html")).values())
 
 
 def test_editing_evaluation_code_does_not_retrain(project: Project):
