@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from PIL import Image
 
 from .browser import chromium, render_offline, rendered_charts
 from .conftest import ROOT, write_dataset
@@ -128,13 +130,38 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
     assert "| flexible " in table and "| resnet " in table and "test_accuracy" in table
 
     evaluation = project.json("metrics/evaluate/flexible/metrics.json")
-    assert set(evaluation["test"]) == {"loss", "accuracy", "macro_f1"}
+    assert set(evaluation["test"]) == {"loss", "accuracy", "macro_f1", "ece"}
+    assert 0 <= evaluation["test"]["ece"] <= 1 and compare["flexible"]["ece"] == evaluation["test"]["ece"]
     confusion = project.json("metrics/evaluate/flexible/plots/sklearn/confusion_matrix.json")
     assert len(confusion) == 12 and {row["actual"] for row in confusion} == {"cat", "dog", "owl"}
     per_class = project.json("metrics/evaluate/resnet/per_class.json")
     assert [row["class"] for row in per_class] == ["cat", "dog", "owl"]
     history = (project.root / "metrics" / "train_flexible" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text()
     assert history.splitlines()[0] == "step\taccuracy" and len(history.splitlines()) == 3  # header + 2 epochs
+
+
+def test_evaluate_and_compare_write_the_report_and_its_images(project: Project):
+    from inatpipe.reports import CELL_INCHES, DPI, GRID_COLUMNS
+
+    for name in ("flexible", "resnet"):
+        with Image.open(project.root / "reports" / name / "prediction_grid.png") as grid:
+            assert grid.format == "PNG"  # three classes: three rows of three
+            assert grid.size == (round(GRID_COLUMNS * CELL_INCHES[0] * DPI), round(3 * CELL_INCHES[1] * DPI))
+        table = (project.root / "reports" / name / "per_class.md").read_text()
+        assert all(f"| {row}" in table for row in ("cat", "dog", "owl", "macro avg", "weighted avg"))
+
+    report = (project.root / "reports" / "compare.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    for expected in ("compare_bars.png", "flexible/prediction_grid.png", "resnet/confusion_matrix.png"):
+        assert expected in images
+    for image in images:
+        with Image.open(project.root / "reports" / image) as img:
+            img.verify()
+    assert "| test accuracy" in report and "| trainable parameters" in report and "random init" not in report
+    assert "dvc repro" in report and "| cat" in report
+    # Committed like metrics/compare.md: no cache, so git sees the files.
+    tracked = project.git("ls-files", "reports").stdout.split()
+    assert "reports/compare.md" in tracked and "reports/flexible/prediction_grid.png" in tracked
 
 
 def test_second_repro_finds_everything_up_to_date(project: Project):
