@@ -45,7 +45,8 @@ def _caption(true: str, predicted: str, confidence: float) -> str:
 
 
 def _grid_figure(rows: int, columns: int, title: str) -> tuple[Figure, np.ndarray]:
-    fig = Figure(figsize=(columns * CELL_INCHES[0], rows * CELL_INCHES[1]), dpi=DPI)
+    # Constrained layout makes room for each caption and the title while keeping the figure size fixed.
+    fig = Figure(figsize=(columns * CELL_INCHES[0], rows * CELL_INCHES[1]), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     fig.suptitle(title, fontsize=10)
     return fig, axes
@@ -77,7 +78,6 @@ def prediction_grid(
             i = chosen[col]
             caption = _caption(classes[targets[i]], classes[predicted[i]], confidence[i])
             _cell(axes[k, col], paths[i], caption, wrong=predicted[i] != targets[i])
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     return _save(fig, out)
 
 
@@ -104,7 +104,6 @@ def confident_mistakes(
             _cell(ax, None)
     if len(worst) == 0:
         axes[0, 0].text(0, 0.5, "no wrong predictions on the test set", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     return _save(fig, out)
 
 
