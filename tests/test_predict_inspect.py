@@ -96,6 +96,7 @@ def test_predict_reports_bad_input_in_one_line(checkpoint: Path, tmp_path: Path,
         (("--model", str(checkpoint), str(tmp_path / "nowhere")), "nowhere not found"),
         (("--model", str(checkpoint), str(tmp_path)), "no image files"),
         (("--model", str(checkpoint), "--top-k", "0", str(checkpoint)), "--top-k must be at least 1"),
+        (("--model", str(checkpoint), "--batch-size", "0", str(checkpoint)), "--batch-size must be at least 1"),
     ):
         code, _, err = run_main(capsys, "predict", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1

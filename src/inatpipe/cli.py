@@ -86,7 +86,10 @@ def _load(model: Path, device: str = "cpu"):
     from inatpipe.checkpoint import load_checkpoint
     from inatpipe.runtime import choose_device
 
-    dev = choose_device(device)
+    try:
+        dev = choose_device(device)
+    except UserError:  # its message speaks of params.yaml, which the command line does not read
+        raise UserError(f"device {device!r} is not available on this machine; use --device auto or cpu") from None
     return (*load_checkpoint(model, dev), dev)
 
 

@@ -82,6 +82,8 @@ def predict_files(
     """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     classes = meta["classes"]
     k = min(top_k, len(classes))
     norm = meta["normalization"]
