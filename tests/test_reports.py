@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import classification_report
 
+from inatpipe.compare import report_markdown, weights_source
 from inatpipe.data.index import scan_folder
 from inatpipe.evaluation import Predictions, classification_metrics, expected_calibration_error, reliability_bins
 from inatpipe.reports import (
@@ -18,6 +19,7 @@ from inatpipe.reports import (
     DPI,
     GRID_COLUMNS,
     MISTAKE_COLUMNS,
+    comparison_bars,
     per_class_markdown,
     write_model_report,
 )
@@ -128,3 +130,31 @@ def test_model_report_images_have_one_row_per_class(tmp_path: Path):
         assert width > 300 and height > 300
     assert "weighted avg" in (out / "per_class.md").read_text()
     assert not math.isnan(m["ece"])
+
+
+def test_compare_report_shows_models_side_by_side(tmp_path: Path):
+    rows = {
+        name: {
+            "test_accuracy": acc,
+            "macro_f1": acc - 0.01,
+            "ece": 0.05,
+            "params_total": total,
+            "params_trainable": trainable,
+            "train_seconds": 12.3,
+            "infer_images_per_second": 456.0,
+            "pretrained": pretrained,
+            "weights": weights_source(setting, pretrained),
+        }
+        for name, acc, total, trainable, pretrained, setting in (
+            ("flexible", 0.9, 1000, 1000, False, None),
+            ("resnet", 0.8, 5000, 30, False, "imagenet"),
+        )
+    }
+    assert rows["resnet"]["weights"] == "imagenet (NOT loaded: random init)"
+    assert weights_source("w.pth", True) == "w.pth (loaded)"
+    report = report_markdown(rows, {"flexible": "| table f |\n", "resnet": "| table r |\n"}, "bars.png")
+    assert "| test accuracy" in report and "| 0.9000" in report and "| 5,000" in report
+    assert "Best test accuracy: **flexible**" in report and "| table r |" in report
+    assert "(flexible/prediction_grid.png)" in report and "(resnet/confusion_matrix.png)" in report
+    with Image.open(comparison_bars(rows, tmp_path / "bars.png")) as img:
+        assert img.format == "PNG" and img.size == (900, 400)

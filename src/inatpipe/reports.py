@@ -161,7 +161,7 @@ def comparison_bars(rows: dict[str, dict], out: Path) -> Path:
     quality.set(ylim=(0, 1.1), title="test set")
     quality.legend()
     bars = speed.bar(
-        names, [rows[n]["infer_images_per_second"] for n in names], color=["C0", "C1", "C2", "C3"][: len(names)]
+        names, [rows[n]["infer_images_per_second"] for n in names], color=[f"C{i}" for i in range(len(names))]
     )
     speed.bar_label(bars, fmt="%.0f", fontsize=8)
     speed.set(title="inference, images/s")
