@@ -1,21 +1,38 @@
-"""Stage compare: both models side by side in metrics/compare.json and metrics/compare.md."""
+"""Stage compare: both models side by side in metrics/compare.json and metrics/compare.md, and the report a person
+reads first, reports/compare.md, with its bar chart."""
 
 import json
 
 from inatpipe import paths
-from inatpipe.compare import compare_models, to_markdown
-from inatpipe.errors import exit_on_user_error
+from inatpipe.compare import compare_models, report_markdown, to_markdown
+from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.params import load_params
+from inatpipe.reports import comparison_bars
+
+BARS = "compare_bars.png"
 
 
 def main() -> None:
+    p = load_params()
     rows = compare_models(
         {name: paths.train_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
         {name: paths.eval_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
+        weights={"resnet": p.resnet.weights},
     )
     (paths.METRICS_DIR / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = to_markdown(rows)
     (paths.METRICS_DIR / "compare.md").write_text(table)
+
+    per_class = {}
+    for name in paths.MODEL_NAMES:
+        source = paths.report_dir(name) / "per_class.md"
+        if not source.is_file():
+            raise UserError(f"{source} not found; run `dvc repro` so every model is evaluated")
+        per_class[name] = source.read_text()
+    comparison_bars(rows, paths.REPORTS_DIR / BARS)
+    (paths.REPORTS_DIR / "compare.md").write_text(report_markdown(rows, per_class, BARS))
     print(table)
+    print(f"report: {paths.REPORTS_DIR / 'compare.md'}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-class table, confusion matrix."""
+"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-class table, confusion matrix,
+calibration, and the images under reports/<model>/."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ from inatpipe.data.index import read_index
 from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.evaluation import evaluate_checkpoint
 from inatpipe.params import load_params
+from inatpipe.reports import write_model_report
 from inatpipe.runtime import choose_device
 
 
@@ -26,14 +28,20 @@ def main() -> None:
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
         live.summary = {
-            "test": {"loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]},
+            "test": {"loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]},
             "infer_images_per_second": round(m["infer_images_per_second"], 1),
         }
         names = [classes[i] for i in pred.targets], [classes[i] for i in pred.predicted]
         live.log_sklearn_plot("confusion_matrix", *names, name="confusion_matrix.json")
     per_class = [{"class": c, **scores} for c, scores in m["per_class"].items()]
     (out / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
-    print(f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}")
+    write_model_report(
+        paths.report_dir(name), name, m, test["path"].tolist(), pred.targets, pred.predicted, pred.confidence, classes
+    )
+    print(
+        f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
+        f"ECE {m['ece']:.4f}; images in {paths.report_dir(name)}/"
+    )
 
 
 if __name__ == "__main__":

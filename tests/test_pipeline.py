@@ -9,16 +9,20 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import dvc_render.html
 import pytest
 import torch
 import torchvision
 import yaml
+from PIL import Image
 
+from .browser import chromium, render_offline, rendered_charts
 from .conftest import ROOT, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -85,6 +89,8 @@ def project(tmp_path_factory) -> Project:
     p.git("config", "user.email", "test@example.com")
     p.git("config", "user.name", "test")
     p.dvc("init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the committed settings: the offline plots page
+    shutil.copytree(ROOT / "vendor", root / "vendor")
     p.dvc("add", "-q", "data")
     p.git("add", "-A")
     p.git("commit", "-qm", "project with tiny data")
@@ -125,7 +131,8 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
     assert "| flexible " in table and "| resnet " in table and "test_accuracy" in table
 
     evaluation = project.json("metrics/evaluate/flexible/metrics.json")
-    assert set(evaluation["test"]) == {"loss", "accuracy", "macro_f1"}
+    assert set(evaluation["test"]) == {"loss", "accuracy", "macro_f1", "ece"}
+    assert 0 <= evaluation["test"]["ece"] <= 1 and compare["flexible"]["ece"] == evaluation["test"]["ece"]
     confusion = project.json("metrics/evaluate/flexible/plots/sklearn/confusion_matrix.json")
     assert len(confusion) == 12 and {row["actual"] for row in confusion} == {"cat", "dog", "owl"}
     per_class = project.json("metrics/evaluate/resnet/per_class.json")
@@ -134,17 +141,59 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
     assert history.splitlines()[0] == "step\taccuracy" and len(history.splitlines()) == 3  # header + 2 epochs
 
 
+def test_evaluate_and_compare_write_the_report_and_its_images(project: Project):
+    from inatpipe.reports import CELL_INCHES, DPI, GRID_COLUMNS
+
+    for name in ("flexible", "resnet"):
+        with Image.open(project.root / "reports" / name / "prediction_grid.png") as grid:
+            assert grid.format == "PNG"  # three classes: three rows of three
+            assert grid.size == (round(GRID_COLUMNS * CELL_INCHES[0] * DPI), round(3 * CELL_INCHES[1] * DPI))
+        table = (project.root / "reports" / name / "per_class.md").read_text()
+        assert all(f"| {row}" in table for row in ("cat", "dog", "owl", "macro avg", "weighted avg"))
+
+    report = (project.root / "reports" / "compare.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    for expected in ("compare_bars.png", "flexible/prediction_grid.png", "resnet/confusion_matrix.png"):
+        assert expected in images
+    for image in images:
+        with Image.open(project.root / "reports" / image) as img:
+            img.verify()
+    assert "| test accuracy" in report and "| trainable parameters" in report and "random init" not in report
+    assert "dvc repro" in report and "| cat" in report
+    # Committed like metrics/compare.md: no cache, so git sees the files.
+    tracked = project.git("ls-files", "reports").stdout.split()
+    assert "reports/compare.md" in tracked and "reports/flexible/prediction_grid.png" in tracked
+
+
 def test_second_repro_finds_everything_up_to_date(project: Project):
     out = project.dvc("repro").stdout
     assert "Running stage" not in out
     assert "Data and pipelines are up to date." in out
 
 
-def test_plots_render_without_network(project: Project):
-    project.dvc("plots", "show", "-o", "plots_html")
-    html = (project.root / "plots_html" / "index.html").read_text()
-    assert "confusion" in html.lower() and "FlexibleCNN loss" in html
-    shutil.rmtree(project.root / "plots_html")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="needs Chromium to render the plots page (Debian: apt-get install chromium chromium-driver)",
+)
+def test_plots_render_without_network(project: Project, tmp_path: Path):
+    """`dvc plots show` and `dvc plots diff`, with no flags, give pages whose every chart draws with networking off."""
+    project.dvc("plots", "show", "-o", str(tmp_path / "show"))
+    project.dvc("plots", "diff", "HEAD", "-o", str(tmp_path / "diff"))
+    for name in ("show", "diff"):
+        page = tmp_path / name / "index.html"
+        html = page.read_text()
+        assert "cdn.jsdelivr" not in html and "FlexibleCNN loss" in html
+        expected = html.count("vegaEmbed(")
+        assert expected >= 12  # 4 learning curves + overlaid curves + 2 x (confusion, per-class F1) at least
+        charts = rendered_charts(render_offline(page))
+        assert len(charts) == expected and all(charts.values()), charts
+
+    # The same plots on DVC's stock page (scripts from a CDN) draw nothing offline: the check above can fail.
+    stock = tmp_path / "stock.html"
+    stock.write_text(dvc_render.html.PAGE_HTML)
+    project.dvc("plots", "show", "--html-template", str(stock), "-o", str(tmp_path / "stock"))
+    assert "cdn.jsdelivr" in (tmp_path / "stock" / "index.html").read_text()
+    assert not any(rendered_charts(render_offline(tmp_path / "stock" / "index.html")).values())
 
 
 def test_editing_evaluation_code_does_not_retrain(project: Project):

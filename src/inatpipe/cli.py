@@ -1,4 +1,5 @@
-"""The `inatpipe` command: getting data into data/ (the pipeline itself runs through `dvc repro`)."""
+"""The `inatpipe` command: getting data into data/, and using a trained checkpoint: predict, inspect, filters.
+(The pipeline itself runs through `dvc repro`.)"""
 
 from __future__ import annotations
 
@@ -81,6 +82,51 @@ def cmd_setup(args: argparse.Namespace) -> None:
     _track(DATA)
 
 
+def _load(model: Path, device: str = "cpu"):
+    from inatpipe.checkpoint import load_checkpoint
+    from inatpipe.runtime import choose_device
+
+    try:
+        dev = choose_device(device)
+    except UserError:  # its message speaks of params.yaml, which the command line does not read
+        raise UserError(f"device {device!r} is not available on this machine; use --device auto or cpu") from None
+    return (*load_checkpoint(model, dev), dev)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from inatpipe.predict import collect_images, format_prediction, predict_files, write_csv
+
+    model, meta, device = _load(args.model, args.device)
+    files = collect_images(args.inputs)
+    predictions = predict_files(model, meta, files, args.top_k, args.batch_size, device)
+    for pred in predictions:
+        print(format_prediction(pred))
+    skipped = len(files) - len(predictions)
+    if args.csv:
+        write_csv(predictions, args.csv)
+        print(f"wrote {len(predictions)} rows to {args.csv}", file=sys.stderr)
+    if skipped:
+        print(f"{skipped} of {len(files)} files skipped (not readable images)", file=sys.stderr)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from inatpipe.inspection import describe
+
+    model, meta, _ = _load(args.model)
+    print(describe(model, meta))
+
+
+def cmd_filters(args: argparse.Namespace) -> None:
+    from inatpipe.inspection import filters_figure, guided_backprop_figure
+
+    model, meta, _ = _load(args.model)
+    out = args.out or Path(f"{args.model.stem}_filters.png")
+    print(f"wrote {filters_figure(model, out, f'{args.model.name}: first-layer filters')}")
+    if args.guided:
+        guided_out = args.guided_out or Path(f"{args.model.stem}_guided_backprop.png")
+        print(f"wrote {guided_backprop_figure(model, meta, args.guided, guided_out)}")
+
+
 def parser() -> argparse.ArgumentParser:
     from inatpipe.data.fetch import INATURALIST_URL
 
@@ -104,6 +150,27 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="replace an existing data folder")
     fetch.add_argument("--no-track", dest="track", action="store_false", help="skip `dvc add`")
     fetch.set_defaults(func=cmd_fetch)
+
+    model_help = "a checkpoint written by the pipeline, e.g. models/flexible.pt"
+    predict = sub.add_parser("predict", help="top-k classes for image files or folders, from a checkpoint alone")
+    predict.add_argument("--model", type=Path, required=True, help=model_help)
+    predict.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    predict.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    predict.set_defaults(func=cmd_predict)
+
+    inspect = sub.add_parser("inspect", help="architecture, per-layer output shapes and parameter counts")
+    inspect.add_argument("--model", type=Path, required=True, help=model_help)
+    inspect.set_defaults(func=cmd_inspect)
+
+    filters = sub.add_parser("filters", help="first-layer filters as a PNG; guided-backprop maps as an option")
+    filters.add_argument("--model", type=Path, required=True, help=model_help)
+    filters.add_argument("--out", type=Path, help="PNG to write (default: <model name>_filters.png)")
+    filters.add_argument("--guided", type=Path, nargs="+", metavar="IMAGE", help="also draw guided-backprop maps")
+    filters.add_argument("--guided-out", type=Path, help="default: <model name>_guided_backprop.png")
+    filters.set_defaults(func=cmd_filters)
     return p
 
 

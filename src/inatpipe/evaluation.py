@@ -1,4 +1,4 @@
-"""Test-set evaluation: predictions, timing of the forward pass, and classification metrics from scikit-learn."""
+"""Test-set evaluation: predictions, forward-pass timing, classification metrics from scikit-learn, calibration."""
 
 from __future__ import annotations
 
@@ -29,6 +29,44 @@ class Predictions:
     def predicted(self) -> np.ndarray:
         return self.logits.argmax(1).numpy()
 
+    @property
+    def confidence(self) -> np.ndarray:
+        """Softmax probability of the predicted class."""
+        return self.logits.softmax(1).max(1).values.numpy()
+
+
+# Equal-width confidence bins, the usual choice since Guo et al. (2017); with few test images many bins stay empty,
+# and empty bins weigh nothing in the error.
+CALIBRATION_BINS = 15
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, num_bins: int = CALIBRATION_BINS) -> list[dict]:
+    """Per equal-width bin (lower, upper]: how many predictions fell in it, their accuracy and mean confidence."""
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    # Bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of exactly 0 joins the first bin.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+    bins = []
+    for i in range(num_bins):
+        members = which == i
+        count = int(members.sum())
+        bins.append(
+            {
+                "lower": float(edges[i]),
+                "upper": float(edges[i + 1]),
+                "count": count,
+                "accuracy": float(correct[members].mean()) if count else 0.0,
+                "confidence": float(confidence[members].mean()) if count else 0.0,
+            }
+        )
+    return bins
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_bins: int = CALIBRATION_BINS) -> float:
+    """Sum over bins of (share of predictions in the bin) x |accuracy - mean confidence| in the bin."""
+    total = len(confidence)
+    bins = reliability_bins(confidence, correct, num_bins)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins)) if total else 0.0
+
 
 def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so the timer measures computation rather than kernel launches."""
@@ -57,11 +95,29 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Predi
     return Predictions(torch.cat(targets).numpy(), torch.cat(outputs), seconds)
 
 
+def _averages(y: np.ndarray, y_hat: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+    """Macro and weighted averages over every class, as scikit-learn's classification_report gives them."""
+    out = {}
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y, y_hat, labels=labels, average=average, zero_division=0
+        )
+        out[f"{average} avg"] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": len(y),
+        }
+    return out
+
+
 def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
-    """Loss, accuracy, macro-F1 and per-class precision/recall/F1/support; the confusion matrix as nested lists."""
+    """Loss, accuracy, macro-F1, ECE, per-class precision/recall/F1/support with their macro and weighted averages,
+    the reliability bins, and the confusion matrix as nested lists."""
     labels = np.arange(len(classes))
     y, y_hat = pred.targets, pred.predicted
     precision, recall, f1, support = precision_recall_fscore_support(y, y_hat, labels=labels, zero_division=0)
+    confidence, correct = pred.confidence, y_hat == y
     return {
         "loss": torch.nn.functional.cross_entropy(pred.logits, torch.from_numpy(y)).item(),
         "accuracy": float(accuracy_score(y, y_hat)),
@@ -77,6 +133,9 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
             }
             for i, name in enumerate(classes)
         },
+        "averages": _averages(y, y_hat, labels),
+        "ece": expected_calibration_error(confidence, correct),
+        "reliability": reliability_bins(confidence, correct),
         "confusion_matrix": confusion_matrix(y, y_hat, labels=labels).tolist(),
     }
 

@@ -6,6 +6,7 @@ SPLIT_DIR = Path("artifacts/split")
 STATS_FILE = Path("artifacts/stats.json")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
+REPORTS_DIR = Path("reports")
 MODEL_NAMES = ("flexible", "resnet")
 
 
@@ -19,3 +20,7 @@ def train_metrics_dir(model: str) -> Path:
 
 def eval_metrics_dir(model: str) -> Path:
     return METRICS_DIR / "evaluate" / model
+
+
+def report_dir(model: str) -> Path:
+    return REPORTS_DIR / model

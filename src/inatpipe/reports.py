@@ -1,0 +1,212 @@
+"""Images and tables a person reads: prediction grids, confident mistakes, reliability diagrams, confusion matrices,
+the comparison bar chart and per-class tables. Drawn with matplotlib's headless Agg canvas, never a window."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure draws on Agg: no pyplot, no display, no global state
+from PIL import Image
+
+# Pixel sizes are fixed (no tight bounding box), so a grid's size tells how many rows and columns it has.
+DPI = 100
+CELL_INCHES = (2.2, 2.5)  # one image with its three-line caption
+GRID_COLUMNS = 3
+MISTAKE_COLUMNS = 4
+MISTAKES_SHOWN = 12
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+
+def _thumbnail(path: str, size: int = 128) -> np.ndarray:
+    with Image.open(path) as img:
+        # Nearest keeps the pixels of tiny images (8x8 digits, 32x32 samples) visible instead of a blur.
+        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.NEAREST))
+
+
+def _cell(ax, path: str | None, caption: str = "", wrong: bool = False) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if path is None:
+        ax.axis("off")
+        return
+    ax.imshow(_thumbnail(path))
+    ax.set_title(caption, fontsize=8, color=WRONG if wrong else RIGHT)
+    for spine in ax.spines.values():
+        spine.set_color(WRONG if wrong else RIGHT)
+        spine.set_linewidth(3 if wrong else 1)
+
+
+def _caption(true: str, predicted: str, confidence: float) -> str:
+    mark = "" if true == predicted else "  ✗ WRONG"
+    return f"true: {true}\npred: {predicted}{mark}\nconfidence {confidence:.2f}"
+
+
+def _grid_figure(rows: int, columns: int, title: str) -> tuple[Figure, np.ndarray]:
+    # Constrained layout makes room for each caption and the title while keeping the figure size fixed.
+    fig = Figure(figsize=(columns * CELL_INCHES[0], rows * CELL_INCHES[1]), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def prediction_grid(
+    paths: Sequence[str],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+    out: Path,
+    title: str = "",
+) -> Path:
+    """One row per class, GRID_COLUMNS test images of that class (the first in index order); wrong ones in red."""
+    fig, axes = _grid_figure(len(classes), GRID_COLUMNS, title)
+    for k in range(len(classes)):
+        chosen = np.flatnonzero(targets == k)[:GRID_COLUMNS]
+        for col in range(GRID_COLUMNS):
+            if col >= len(chosen):  # fewer test images than columns: leave the cell blank
+                _cell(axes[k, col], None)
+                continue
+            i = chosen[col]
+            caption = _caption(classes[targets[i]], classes[predicted[i]], confidence[i])
+            _cell(axes[k, col], paths[i], caption, wrong=predicted[i] != targets[i])
+    return _save(fig, out)
+
+
+def confident_mistakes(
+    paths: Sequence[str],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+    out: Path,
+    title: str = "",
+    count: int = MISTAKES_SHOWN,
+) -> Path:
+    """The `count` wrong predictions made with the highest confidence, most confident first."""
+    wrong = np.flatnonzero(predicted != targets)
+    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    rows = max(1, -(-len(worst) // MISTAKE_COLUMNS))
+    fig, axes = _grid_figure(rows, MISTAKE_COLUMNS, title or "most confident mistakes")
+    for j, ax in enumerate(axes.flat):
+        if j < len(worst):
+            i = worst[j]
+            _cell(ax, paths[i], _caption(classes[targets[i]], classes[predicted[i]], confidence[i]), wrong=True)
+        else:
+            _cell(ax, None)
+    if len(worst) == 0:
+        axes[0, 0].text(0, 0.5, "no wrong predictions on the test set", fontsize=10)
+    return _save(fig, out)
+
+
+def reliability_diagram(bins: Sequence[dict], ece: float, out: Path, title: str = "") -> Path:
+    """Accuracy against confidence per bin; a calibrated model's bars reach the diagonal."""
+    fig = Figure(figsize=(5, 5.5), dpi=DPI)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    lower = np.array([b["lower"] for b in bins])
+    width = np.array([b["upper"] - b["lower"] for b in bins])
+    filled = np.array([b["count"] > 0 for b in bins])
+    accuracy = np.array([b["accuracy"] for b in bins])
+    mean_conf = np.array([b["confidence"] for b in bins])
+    top.bar(lower[filled], accuracy[filled], width=width[filled], align="edge", edgecolor="black", label="accuracy")
+    centres = lower[filled] + width[filled] / 2
+    top.plot(centres, mean_conf[filled], "o", color=WRONG, label="mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}  ECE = {ece:.4f}".strip())
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(lower, [b["count"] for b in bins], width=width, align="edge", edgecolor="black", color="grey")
+    bottom.set(xlabel="confidence (softmax of the predicted class)", ylabel="images")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def confusion_matrix_image(matrix: Sequence[Sequence[int]], classes: Sequence[str], out: Path, title: str = "") -> Path:
+    """Counts, true classes down and predicted classes across, each cell labelled."""
+    m = np.asarray(matrix)
+    side = max(4.0, 0.5 * len(classes) + 2)
+    fig = Figure(figsize=(side, side), dpi=DPI)
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Blues")
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, labels=classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    threshold = m.max() / 2 if m.size else 0
+    for (i, j), count in np.ndenumerate(m):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def comparison_bars(rows: dict[str, dict], out: Path) -> Path:
+    """Test accuracy, macro-F1 and ECE of each model, grouped; inference throughput beside them."""
+    names = list(rows)
+    fig = Figure(figsize=(9, 4), dpi=DPI)
+    quality, speed = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    keys = ("test_accuracy", "macro_f1", "ece")
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        x = np.arange(len(keys)) + (j - (len(names) - 1) / 2) * width
+        bars = quality.bar(x, [rows[name][k] for k in keys], width=width, label=name)
+        quality.bar_label(bars, fmt="%.3f", fontsize=8)
+    quality.set_xticks(np.arange(len(keys)), labels=["test accuracy", "macro-F1", "ECE (lower is better)"])
+    quality.set(ylim=(0, 1.1), title="test set")
+    quality.legend()
+    bars = speed.bar(
+        names, [rows[n]["infer_images_per_second"] for n in names], color=[f"C{i}" for i in range(len(names))]
+    )
+    speed.bar_label(bars, fmt="%.0f", fontsize=8)
+    speed.set(title="inference, images/s")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def per_class_markdown(per_class: dict[str, dict], averages: dict[str, dict]) -> str:
+    """Precision, recall, F1 and support per class, then the macro and weighted averages."""
+    df = pd.DataFrame.from_dict({**per_class, **averages}, orient="index")[["precision", "recall", "f1", "support"]]
+    df.index.name = "class"
+    for col in ("precision", "recall", "f1"):
+        df[col] = df[col].map("{:.4f}".format)
+    return df.to_markdown(disable_numparse=True, colalign=["left", "right", "right", "right", "right"]) + "\n"
+
+
+def write_model_report(
+    out_dir: Path,
+    name: str,
+    metrics: dict,
+    paths: Sequence[str],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+) -> list[Path]:
+    """Everything evaluate writes under reports/<model>/: the images and the per-class table."""
+    written = [
+        prediction_grid(
+            paths, targets, predicted, confidence, classes, out_dir / "prediction_grid.png", f"{name}: test images"
+        ),
+        confident_mistakes(
+            paths,
+            targets,
+            predicted,
+            confidence,
+            classes,
+            out_dir / "confident_mistakes.png",
+            f"{name}: most confident mistakes (test)",
+        ),
+        reliability_diagram(metrics["reliability"], metrics["ece"], out_dir / "reliability.png", name),
+        confusion_matrix_image(
+            metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png", f"{name}: confusion matrix (test)"
+        ),
+    ]
+    table = out_dir / "per_class.md"
+    table.write_text(per_class_markdown(metrics["per_class"], metrics["averages"]))
+    return [*written, table]

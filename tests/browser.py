@@ -1,0 +1,90 @@
+"""Open a local HTML page in headless Chromium with networking off and return the DOM after its scripts ran."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+# Belt and braces: even where no network namespace can be made, every request goes to a dead proxy.
+NO_NETWORK_FLAGS = (
+    "--proxy-server=127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+)
+
+
+def chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def _offline_prefix() -> list[str]:
+    """`unshare -n` (root) or `unshare -rn` (user namespaces): a process with no network interface but loopback."""
+    unshare = shutil.which("unshare")
+    if unshare:
+        for prefix in ([unshare, "-n"], [unshare, "-rn"]):
+            if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+                return prefix
+    return []
+
+
+def render_offline(page: Path, budget_ms: int = 15000) -> str:
+    browser = chromium()
+    assert browser, "no Chromium on PATH"
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            *_offline_prefix(),
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            *NO_NETWORK_FLAGS,
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"chromium failed ({result.returncode}): {result.stderr[-2000:]}"
+    return result.stdout
+
+
+class _Charts(HTMLParser):
+    """For each vega-embed container, whether a non-empty canvas or an SVG with marks was drawn inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.charts: dict[str, bool] = {}
+        self._stack: list[str | None] = []  # per open <div>: the chart id it opens, else None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "div":
+            opens = "vega-embed" in (a.get("class") or "").split()
+            self._stack.append(a.get("id", "?") if opens else None)
+            if opens:
+                self.charts.setdefault(a.get("id", "?"), False)
+            return
+        current = next((c for c in reversed(self._stack) if c), None)
+        if current is None:
+            return
+        drawn = tag == "canvas" and int(a.get("width") or 0) > 0 and int(a.get("height") or 0) > 0
+        drawn |= tag == "svg" and "marks" in (a.get("class") or "")
+        if drawn:
+            self.charts[current] = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self._stack:
+            self._stack.pop()
+
+
+def rendered_charts(dom: str) -> dict[str, bool]:
+    parser = _Charts()
+    parser.feed(dom)
+    return parser.charts
