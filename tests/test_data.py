@@ -303,3 +303,19 @@ def test_setup_never_rewrites_a_data_dvc_that_records_other_data(tmp_path: Path)
     assert "records other data than the embedded sample" in result.stdout
     assert (project / "data.dvc").read_text() == recorded
     assert len(scan_folder(project / "data" / "train")) == 1797 - 355  # the sample was built
+
+
+def test_setup_on_a_fresh_clone_builds_the_sample_without_a_false_alarm(tmp_path: Path):
+    """A fresh clone has the committed data.dvc and no cache: `dvc status` says "not in cache", yet the data match."""
+    project = dvc_project(tmp_path / "project")
+    shutil.copy(ROOT / "data.dvc", project / "data.dvc")
+    recorded = (project / "data.dvc").read_text()
+    result = run_cli("data", "setup", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout + result.stderr
+    assert "is now in the DVC cache" in result.stdout
+    assert (project / "data.dvc").read_text() == recorded
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json", "data.dvc"], cwd=project, capture_output=True, text=True
+    )
+    assert status.stdout.strip() == "{}", "the sample is cached: data.dvc is fully satisfied"
