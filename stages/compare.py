@@ -1,8 +1,7 @@
 """Stage compare: both models side by side in metrics/compare.json and metrics/compare.md."""
 
-import json
-
 from inatpipe import paths
+from inatpipe.atomic import write_json, write_text
 from inatpipe.compare import compare_models, to_markdown
 from inatpipe.errors import exit_on_user_error
 
@@ -12,9 +11,9 @@ def main() -> None:
         {name: paths.train_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
         {name: paths.eval_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
     )
-    (paths.METRICS_DIR / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(paths.METRICS_DIR / "compare.json", rows)
     table = to_markdown(rows)
-    (paths.METRICS_DIR / "compare.md").write_text(table)
+    write_text(paths.METRICS_DIR / "compare.md", table)
     print(table)
 
 

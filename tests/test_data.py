@@ -77,7 +77,7 @@ def test_split_needs_two_images_per_class(tmp_path: Path):
 
 def test_test_folder_must_not_bring_new_classes(tmp_path: Path):
     test = scan_folder(write_image_folder(tmp_path, classes=("a", "zebra"), per_class=1, size=4))
-    with pytest.raises(UserError, match="class 'zebra'"):
+    with pytest.raises(UserError, match="class folders that the training folder lacks: 'zebra'"):
         check_test_classes(test, ["a", "b"], "val")
     assert check_test_classes(test, ["a", "b", "zebra"], "val") == ["b"]
 

@@ -6,6 +6,7 @@ SPLIT_DIR = Path("artifacts/split")
 STATS_FILE = Path("artifacts/stats.json")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
+DATA_REPORT = METRICS_DIR / "data_report.json"  # what split left out, and why
 MODEL_NAMES = ("flexible", "resnet")
 
 
