@@ -44,7 +44,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     from inatpipe.data.fetch import fetch_dataset
 
-    out = fetch_dataset(args.source, args.out, force=args.force)
+    out = fetch_dataset(args.source, args.out, force=args.force, sha256=args.sha256)
     print(f"dataset ready in {out}/")
     if args.track:
         _track(out)
@@ -129,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--out", type=Path, default=DATA, help="folder to create (default: data)")
     fetch.add_argument("--force", action="store_true", help="replace an existing data folder")
+    fetch.add_argument("--sha256", help="expected SHA-256 of the zip (downloaded or given); checked before unpacking")
     fetch.add_argument("--no-track", dest="track", action="store_false", help="skip `dvc add`")
     fetch.set_defaults(func=cmd_fetch)
     return p
