@@ -5,11 +5,10 @@ data/<test_dir> stays the held-out test set.
 
 from pathlib import Path
 
-from inatpipe.atomic import write_json
-from inatpipe.data.index import HOW_TO_GET_DATA, write_classes, write_index
-from inatpipe.data.scan import check_bad_share, report, scan_folders, warning_line
+from inatpipe.data.index import write_classes, write_index
+from inatpipe.data.scan import scan_dataset
 from inatpipe.data.split import check_class_folders, check_test_classes, stratified_split
-from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.errors import exit_on_user_error
 from inatpipe.params import load_params
 from inatpipe.paths import DATA_REPORT, SPLIT_DIR
 
@@ -18,21 +17,7 @@ def main() -> None:
     p = load_params()
     root = Path(p.data.root)
     folders = [root / p.data.train_dir, root / p.data.test_dir]
-    for folder in folders:
-        if not folder.is_dir():
-            raise UserError(f"{folder}/ not found; {HOW_TO_GET_DATA}")
-    train_scan, test_scan = scans = scan_folders(folders)
-    data_report = report(scans)
-    write_json(DATA_REPORT, data_report)
-    if line := warning_line(data_report, DATA_REPORT):
-        print(line)
-    check_bad_share(scans, p.data.max_bad_fraction, DATA_REPORT)
-    for scan in scans:
-        if not scan.images:
-            raise UserError(
-                f"{scan.folder}/ holds no readable images in class folders ({scan.folder}/<class>/<image>); "
-                f"{HOW_TO_GET_DATA}"
-            )
+    train_scan, test_scan = scan_dataset(folders, p.data.max_bad_fraction, DATA_REPORT)
     pool, test = train_scan.index, test_scan.index
     check_class_folders(train_scan.class_folders, pool["label"], p.data.train_dir)
     classes = sorted(pool["label"].unique())

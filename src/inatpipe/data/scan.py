@@ -18,7 +18,9 @@ import pandas as pd
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from inatpipe.atomic import write_json
 from inatpipe.data.images import is_image_name, open_rgb
+from inatpipe.data.index import HOW_TO_GET_DATA
 from inatpipe.errors import UserError
 
 # A JPEG decodes at 1/8 scale when asked for a small draft: every byte is still read, so truncation is caught.
@@ -119,6 +121,26 @@ def _checked(paths: list[str], workers: int) -> Iterable[str | None]:
 def _closing(executor: ProcessPoolExecutor, results: Iterator[str | None]) -> Iterator[str | None]:
     with executor:
         yield from results
+
+
+def scan_dataset(folders: list[Path], max_bad_fraction: float, report_path: Path) -> list[FolderScan]:
+    """What `split` runs: scan the folders, write the report, warn in one line, and stop on data too broken to use."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder}/ not found; {HOW_TO_GET_DATA}")
+    scans = scan_folders(folders)
+    data_report = report(scans)
+    write_json(report_path, data_report)
+    if line := warning_line(data_report, report_path):
+        print(line)
+    check_bad_share(scans, max_bad_fraction, report_path)
+    for scan in scans:
+        if not scan.images:
+            raise UserError(
+                f"{scan.folder}/ holds no readable images in class folders ({scan.folder}/<class>/<image>); "
+                f"{HOW_TO_GET_DATA}"
+            )
+    return scans
 
 
 def scan_folders(folders: list[Path], workers: int | None = None) -> list[FolderScan]:
