@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from inatpipe.atomic import write_text
 from inatpipe.errors import UserError, exit_on_user_error
 
 DATA = Path("data")
@@ -97,7 +98,7 @@ def _matches_record(tracked: Path) -> bool:
         _dvc("add", "--no-commit", "--quiet", str(DATA))
         built = _recorded_md5(tracked.read_text())
     finally:
-        tracked.write_text(recorded)
+        write_text(tracked, recorded)  # atomic: a kill here must not leave the user's data.dvc half-written
     return built is not None and built == _recorded_md5(recorded)
 
 
