@@ -116,8 +116,8 @@ def test_split_leaves_out_exactly_the_bad_files_and_training_runs(dirty):
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning")]
     assert warnings == [
-        "warning: left out 10 files (2 empty file, 2 hidden file, 1 hidden folder, 2 not an image file, "
-        "1 not in a class folder, 2 unreadable image); every path and reason, and the images per class: "
+        "warning: left out 10 files (empty file: 2, hidden file: 2, hidden folder: 1, not an image file: 2, "
+        "not in a class folder: 1, unreadable image: 2); every path and reason, and the images per class: "
         "metrics/data_report.json"
     ]
     report = read_report(root)

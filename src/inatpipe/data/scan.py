@@ -202,7 +202,7 @@ def warning_line(data_report: dict, report_path: Path) -> str | None:
     """One line saying how many files were left out and why, or None when nothing was."""
     if not data_report["excluded"]:
         return None
-    kinds = ", ".join(f"{n} {k}" for k, n in data_report["excluded_by_reason"].items())
+    kinds = ", ".join(f"{k}: {n}" for k, n in data_report["excluded_by_reason"].items())
     return (
         f"warning: left out {data_report['excluded']} files ({kinds}); "
         f"every path and reason, and the images per class: {report_path}"
