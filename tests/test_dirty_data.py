@@ -26,7 +26,7 @@ from .conftest import ROOT, write_dataset
 SMALL = {
     "data": {"image_size": 16, "augment": False},
     "model": {"num_filters": [8, 16], "dense_neurons": 16},
-    "train": {"epochs": 1, "batch_size": 8},
+    "train": {"epochs": 2, "batch_size": 8},
 }
 
 
