@@ -78,6 +78,8 @@ def test_shipped_params_load_with_the_documented_keys():
         ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
         ("data.val_fraction", 1.0, "data.val_fraction must be between 0 and 1"),
         ("data.image_size", 4, "data.image_size must be an integer >= 8"),
+        ("data.max_bad_fraction", 1.0, "data.max_bad_fraction must be in [0, 1)"),
+        ("data.max_bad_fraction", -0.1, "data.max_bad_fraction must be in [0, 1)"),
         ("data.test_dir", "train", "data.test_dir must be a different folder from data.train_dir"),
         ("device", "tpu", "device must be one of auto, cpu, cuda, mps"),
         ("seed", -1, "seed must be an integer >= 0"),

@@ -46,6 +46,7 @@ class DataParams:
     rotation: float
     crop_scale: float
     num_workers: int
+    max_bad_fraction: float
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "data.root", "a folder path", self.root)
@@ -59,6 +60,12 @@ class DataParams:
             0 < self.crop_scale <= 1, "data.crop_scale", "in (0, 1] (smallest crop area fraction)", self.crop_scale
         )
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        _require(
+            0 <= self.max_bad_fraction < 1,
+            "data.max_bad_fraction",
+            "in [0, 1) (a share of the image files)",
+            self.max_bad_fraction,
+        )
 
 
 @dataclass(frozen=True)
