@@ -166,7 +166,9 @@ PARAMS = {
     # One loader worker: each epoch then starts fresh worker processes, whose seeds must come out the same too.
     "data": {"image_size": 16, "num_workers": 1},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
-    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 3.0e-3},
+    # A rate this high makes validation jumpy: the best epoch (2) comes before the kill, so the resumed run must
+    # rewrite the best checkpoint from the weights the resume state kept, not from the current ones.
+    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 5.0e-2},
 }
 
 
@@ -192,12 +194,12 @@ def saved_epoch(p: Project) -> int:
         return 0
 
 
-def kill_after_epoch(p: Project, epoch: int) -> int:
-    """Start `dvc repro train_flexible`, SIGKILL it (DVC and the stage) once a resume state for `epoch` or later
-    is saved; returns that epoch."""
+def kill_after_epoch(p: Project, epoch: int, *cmd: str) -> int:
+    """Start `cmd` (`dvc repro train_flexible`), SIGKILL it (DVC and the stage) once a resume state for `epoch` or
+    later is saved; returns that epoch."""
     with (p.root / "killed.log").open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dvc", "repro", "train_flexible"],
+            cmd or [sys.executable, "-m", "dvc", "repro", "train_flexible"],
             cwd=p.root,
             env=p.env,
             stdout=log,
@@ -232,7 +234,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(prepared: Project
     ref_metrics, ref_curves, ref_ckpt = results(reference)
 
     p = copy_of(prepared, tmp_path / "killed")
-    killed_at = kill_after_epoch(p, 2)
+    killed_at = kill_after_epoch(p, 3)
     # DVC's lock names the killed process; DVC finds it gone and clears the lock itself, so a plain rerun works.
     out = p.dvc("repro", "train_flexible").stdout
     resumed_from = int(out.split("resuming from epoch ")[1].split()[0])
@@ -243,20 +245,18 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(prepared: Project
     metrics, curves, ckpt = results(p)
     assert metrics == ref_metrics
     assert len(curves) == 5 and curves == ref_curves
-    assert curves["metrics/val/accuracy.tsv"].splitlines()[1:] and [
-        int(line.split("\t")[0]) for line in curves["metrics/val/accuracy.tsv"].splitlines()[1:]
-    ] == list(range(1, EPOCHS + 1))
+    steps = [int(line.split("\t")[0]) for line in curves["metrics/val/accuracy.tsv"].splitlines()[1:]]
+    assert steps == list(range(1, EPOCHS + 1))
     state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
-    assert ckpt == ref_ckpt
+    assert ckpt == ref_ckpt and ckpt["extra"]["epoch"] < killed_at
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
-    assert "up to date" in p.dvc("status", "train_flexible").stdout
 
 
 @pytest.mark.slow
 def test_a_state_from_other_params_is_discarded_and_training_starts_over(prepared: Project, tmp_path: Path):
     p = copy_of(prepared, tmp_path / "project")
-    kill_after_epoch(p, 1)
-    p.set_params({"train": {"learning_rate": 1.0e-3}})
+    kill_after_epoch(p, 1, sys.executable, "stages/train_flexible.py")  # without DVC: quicker, the same state
+    p.set_params({"train": {"learning_rate": 1.0e-2}})
     out = p.dvc("repro", "train_flexible").stdout
     assert f"discarding the resume state {STATE}: params changed since epoch" in out
     assert "resuming" not in out and f"epoch 1/{EPOCHS} " in out
