@@ -106,6 +106,7 @@ def test_a_saved_run_restores_model_optimizer_schedule_and_progress(tmp_path: Pa
     torch.manual_seed(5)
     train_a_step(resumed, fresh)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    (path.parent / f".{path.name}.999.tmp").write_bytes(b"half")  # left by a run killed while writing
     resumed.finish()
     assert not path.exists() and not path.parent.exists()
 

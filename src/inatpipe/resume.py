@@ -148,6 +148,8 @@ def load_state(path: Path, current: dict[str, str]) -> ResumeState | None:
         if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
             raise ValueError("unknown format")
         state = ResumeState(**{f.name: raw[f.name] for f in dataclasses.fields(ResumeState)})
+        if not isinstance(state.fingerprint, dict):
+            raise ValueError("no fingerprint")
         state.progress = Progress(**raw["progress"])
         state.history = [EpochMetrics(**m) for m in raw["history"]]
     except Exception as e:  # truncated, foreign or older files raise one of several unrelated types
@@ -166,8 +168,10 @@ def discard(path: Path, why: str) -> None:
 
 
 def remove_state(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    # With it, any temporary file a run killed while writing it left behind (see inatpipe.atomic).
+    for leftover in [path, *path.parent.glob(f".{path.name}.*.tmp")]:
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
     with contextlib.suppress(OSError):  # only when empty: another stage's state may live there
         path.parent.rmdir()
 
