@@ -23,7 +23,7 @@ def main() -> None:
     device = choose_device(p.device)
     test = read_index(paths.SPLIT_DIR / "test.csv")
     m, pred, classes = evaluate_checkpoint(
-        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device
+        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device, p.evaluate.precision
     )
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:

@@ -94,6 +94,8 @@ def train_with_recipe(
         start_epoch=run.start_epoch if run else 0,
         scheduler=scheduler,
         grad_clip=recipe.grad_clip,
+        precision=recipe.precision,
+        channels_last=recipe.channels_last,
     )
     return track(
         model,

@@ -26,6 +26,7 @@ POOLINGS = ("max", "avg")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RESNET_WEIGHTS = ("imagenet", "none")  # or a path to a state_dict file
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("constant", "cosine", "onecycle")
 
 
@@ -127,6 +128,8 @@ class RecipeParams:
     patience: int
     grad_clip: float
     max_minutes: float
+    precision: str
+    channels_last: bool
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -146,6 +149,7 @@ class RecipeParams:
         _require(self.patience >= 0, f"{s}.patience", "an integer >= 0 (0 turns early stopping off)", self.patience)
         _require(self.grad_clip >= 0, f"{s}.grad_clip", "a number >= 0 (0 turns clipping off)", self.grad_clip)
         _require(self.max_minutes >= 0, f"{s}.max_minutes", "a number >= 0 (0: no time limit)", self.max_minutes)
+        _require(self.precision in PRECISIONS, f"{s}.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
 
 @dataclass(frozen=True)
@@ -177,9 +181,11 @@ class ResnetParams(RecipeParams):
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    precision: str
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.precision in PRECISIONS, "evaluate.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
 
 @dataclass(frozen=True)
