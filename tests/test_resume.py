@@ -59,14 +59,16 @@ def small_run(path: Path, fp: dict[str, str]) -> tuple[ResumeRun, nn.Module]:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-    return ResumeRun.begin(path, fp, model, optimizer, scheduler, torch.Generator().manual_seed(0)), model
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # doubles after every good step
+    return ResumeRun.begin(path, fp, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(0)), model
 
 
 def train_a_step(run: ResumeRun, model: nn.Module) -> None:
     run.optimizer.zero_grad()
     loss = model(torch.randn(5, 4)).square().mean()
-    loss.backward()
-    run.optimizer.step()
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.scheduler.step()
 
 
@@ -95,6 +97,7 @@ def test_a_saved_run_restores_model_optimizer_schedule_and_progress(tmp_path: Pa
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed.scheduler.state_dict() == run.scheduler.state_dict()
+    assert resumed.scaler.get_scale() == run.scaler.get_scale() == 2.0**12
     assert resumed.optimizer.param_groups[0]["lr"] == run.optimizer.param_groups[0]["lr"]
     assert resumed.start.progress.best_epoch == 1 and resumed.start.progress.epochs_without_improvement == 1
     assert resumed.start.history == [EpochMetrics(1, 1.0, 0.5, 1.1, 0.4, 0.1, 1e-2)]

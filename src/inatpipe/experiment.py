@@ -28,7 +28,7 @@ from inatpipe.params import DataParams, RecipeParams
 from inatpipe.paths import SPLIT_DIR, STATS_FILE
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
 from inatpipe.resume import Resumable, ResumeRun, fingerprint
-from inatpipe.training import EpochMetrics, fit
+from inatpipe.training import EpochMetrics, fit, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def train_with_recipe(
     """
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
-    run = _resume_run(resume, model, optimizer, scheduler, data, device)
+    scaler = grad_scaler(device, recipe.precision)  # made here, so a resume state can keep its scale
+    run = _resume_run(resume, model, optimizer, scheduler, scaler, data, device)
     history = fit(
         model,
         optimizer,
@@ -96,6 +97,7 @@ def train_with_recipe(
         grad_clip=recipe.grad_clip,
         precision=recipe.precision,
         channels_last=recipe.channels_last,
+        scaler=scaler,
     )
     return track(
         model,
@@ -118,6 +120,7 @@ def _resume_run(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
     data: TrainingData,
     device: torch.device,
 ) -> ResumeRun | None:
@@ -126,7 +129,7 @@ def _resume_run(
     data_files = [SPLIT_DIR / "train.csv", SPLIT_DIR / "val.csv", SPLIT_DIR / "classes.json", STATS_FILE]
     images = data.train.dataset.paths + data.val.dataset.paths
     current = fingerprint(resume, device, data_files, images)
-    return ResumeRun.begin(resume.path, current, model, optimizer, scheduler, data.train.generator)
+    return ResumeRun.begin(resume.path, current, model, optimizer, scheduler, scaler, data.train.generator)
 
 
 def track(

@@ -117,6 +117,7 @@ class ResumeState:
     best_model: dict[str, torch.Tensor]  # DVC deleted the best checkpoint: it is rewritten from this
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
+    scaler: dict[str, Any]  # fp16's loss scale and its growth count; empty without one
     rng: dict[str, Any]
 
 
@@ -184,6 +185,7 @@ class ResumeRun:
     fingerprint: dict[str, str]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
     generator: torch.Generator  # the loaders' generator
     start: ResumeState | None = None
 
@@ -195,16 +197,19 @@ class ResumeRun:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None,
         generator: torch.Generator,
     ) -> ResumeRun:
-        """Load a matching state at `path` into the freshly built model, optimizer and schedule (the RNGs are
-        restored later, by `continued`); without one, the run starts from epoch 1."""
+        """Load a matching state at `path` into the freshly built model, optimizer, schedule and loss scaler (the
+        RNGs are restored later, by `continued`); without one, the run starts from epoch 1."""
         start = load_state(path, fingerprint)
         if start is not None:
             model.load_state_dict(start.model)
             optimizer.load_state_dict(start.optimizer)
             scheduler.load_state_dict(start.scheduler)
-        return cls(path, fingerprint, optimizer, scheduler, generator, start)
+            if scaler is not None and start.scaler:
+                scaler.load_state_dict(start.scaler)
+        return cls(path, fingerprint, optimizer, scheduler, scaler, generator, start)
 
     @property
     def start_epoch(self) -> int:
@@ -239,6 +244,7 @@ class ResumeRun:
             best_model=best_model,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else {},
             rng=capture_rng(self.generator),
         )
         save_state(self.path, state)
