@@ -1,11 +1,16 @@
 """Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint."""
 
+from pathlib import Path
+
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
 from inatpipe.params import as_dict, load_params
+from inatpipe.resume import Resumable, params_sections
 from inatpipe.runtime import choose_device, seed_everything
+
+PARAMS = ("seed", "device", "data", "model", "train")  # the params sections this stage reads
 
 
 def main() -> None:
@@ -24,6 +29,7 @@ def main() -> None:
         checkpoint=paths.checkpoint("flexible"),
         model_name="flexible_cnn",
         model_config=config,
+        resume=Resumable(paths.resume_state("flexible"), params_sections(p, *PARAMS), Path(__file__)),
     )
 
 

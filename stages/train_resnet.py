@@ -1,14 +1,18 @@
 """Stage train_resnet: ResNet50 transfer learning, frozen backbone (ImageNet weights when available), new head."""
 
+from pathlib import Path
+
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
+from inatpipe.resume import Resumable, params_sections
 from inatpipe.runtime import choose_device, seed_everything
 
 ARCH = "resnet50"
+PARAMS = ("seed", "device", "data", "resnet")  # the params sections this stage reads
 
 
 def main() -> None:
@@ -29,6 +33,7 @@ def main() -> None:
         model_name="resnet",
         model_config=config,
         summary={"pretrained": pretrained},
+        resume=Resumable(paths.resume_state("resnet"), params_sections(p, *PARAMS), Path(__file__)),
     )
 
 

@@ -26,8 +26,12 @@ def save_checkpoint(
     mean: list[float],
     std: list[float],
     extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write atomically (temp file, fsync, rename), so an interrupted run never leaves a truncated checkpoint."""
+    """Write atomically (temp file, fsync, rename), so an interrupted run never leaves a truncated checkpoint.
+
+    `state_dict`: weights to save instead of the model's current ones (a resumed run rewrites its best epoch's).
+    """
     payload = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
@@ -36,7 +40,7 @@ def save_checkpoint(
         "image_size": image_size,
         "normalization": {"mean": list(mean), "std": list(std)},
         "extra": extra or {},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()},
     }
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)

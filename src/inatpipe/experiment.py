@@ -27,7 +27,8 @@ from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
 from inatpipe.paths import SPLIT_DIR, STATS_FILE
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
-from inatpipe.training import EpochMetrics, fit
+from inatpipe.resume import Resumable, ResumeRun, fingerprint
+from inatpipe.training import EpochMetrics, fit, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,16 @@ def train_with_recipe(
     model_name: str,
     model_config: dict,
     summary: dict[str, Any] | None = None,
+    resume: Resumable | None = None,
 ) -> dict[str, Any]:
-    """Build the recipe's optimizer, schedule and loss around `model`, run `fit`, and track it; returns the summary."""
+    """Build the recipe's optimizer, schedule and loss around `model`, run `fit`, and track it; returns the summary.
+
+    With `resume`, the run saves a resume state after every epoch and continues from a matching one it finds.
+    """
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
+    scaler = grad_scaler(device, recipe.precision)  # made here, so a resume state can keep its scale
+    run = _resume_run(resume, model, optimizer, scheduler, scaler, data, device)
     history = fit(
         model,
         optimizer,
@@ -85,10 +92,12 @@ def train_with_recipe(
         recipe.epochs,
         device,
         loss_fn=training_loss(recipe),
+        start_epoch=run.start_epoch if run else 0,
         scheduler=scheduler,
         grad_clip=recipe.grad_clip,
         precision=recipe.precision,
         channels_last=recipe.channels_last,
+        scaler=scaler,
     )
     return track(
         model,
@@ -102,7 +111,25 @@ def train_with_recipe(
         model_name=model_name,
         model_config=model_config,
         summary=summary,
+        resume=run,
     )
+
+
+def _resume_run(
+    resume: Resumable | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    data: TrainingData,
+    device: torch.device,
+) -> ResumeRun | None:
+    if resume is None:
+        return None
+    data_files = [SPLIT_DIR / "train.csv", SPLIT_DIR / "val.csv", SPLIT_DIR / "classes.json", STATS_FILE]
+    images = data.train.dataset.paths + data.val.dataset.paths
+    current = fingerprint(resume, device, data_files, images)
+    return ResumeRun.begin(resume.path, current, model, optimizer, scheduler, scaler, data.train.generator)
 
 
 def track(
@@ -118,34 +145,55 @@ def track(
     model_config: dict,
     max_minutes: float = 0.0,
     summary: dict[str, Any] | None = None,
+    resume: ResumeRun | None = None,
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), save the best-on-val checkpoint, and stop
     early after `patience` epochs without improvement or before an epoch that would end past `max_minutes`
-    (0: neither). Returns the run's summary metrics."""
+    (0: neither). With `resume`, save a resume state after every epoch, and continue the run it started from.
+    Returns the run's summary metrics."""
     total, trainable = count_parameters(model)
     progress = Progress(epochs=epochs, patience=patience, max_seconds=max_minutes * 60)
-    start = time.perf_counter()
+    logged: list[EpochMetrics] = []
+    best_model: dict[str, torch.Tensor] = {}
+    elapsed_before = 0.0
+    if resume and resume.start:
+        progress, logged, best_model = resume.start.progress, list(resume.start.history), resume.start.best_model
+        elapsed_before = resume.start.elapsed_seconds
+        history = resume.continued(history)
+    start = time.perf_counter() - elapsed_before
+
+    def save_best(weights: dict[str, torch.Tensor] | None = None) -> None:
+        save_checkpoint(
+            checkpoint,
+            model,
+            model_name=model_name,
+            model_config=model_config,
+            classes=data.classes,
+            image_size=data.image_size,
+            mean=data.mean,
+            std=data.std,
+            extra={
+                "epoch": progress.best_epoch,
+                "val_accuracy": progress.best_val_accuracy,
+                "params_trainable": trainable,
+            },
+            state_dict=weights,
+        )
+
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        if logged:  # the interrupted run's epochs: its curves continue with no step missing or repeated
+            for m in logged:
+                _log_epoch(live, m)
+            save_best(best_model)  # DVC deleted the checkpoint before rerunning the stage
+            tqdm.write(f"resuming from epoch {progress.last_epoch} of {epochs} (state saved in {resume.path})")
         for m in history:
-            live.step = m.epoch
-            live.log_metric("train/loss", m.train_loss)
-            live.log_metric("train/accuracy", m.train_accuracy)
-            live.log_metric("train/lr", m.lr)
-            live.log_metric("val/loss", m.val_loss)
-            live.log_metric("val/accuracy", m.val_accuracy)
+            _log_epoch(live, m)
+            logged.append(m)
             improved = progress.update(m, time.perf_counter() - start)
             if improved:
-                save_checkpoint(
-                    checkpoint,
-                    model,
-                    model_name=model_name,
-                    model_config=model_config,
-                    classes=data.classes,
-                    image_size=data.image_size,
-                    mean=data.mean,
-                    std=data.std,
-                    extra={"epoch": m.epoch, "val_accuracy": m.val_accuracy, "params_trainable": trainable},
-                )
+                save_best()
+                if resume:
+                    best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             tqdm.write(
                 f"epoch {m.epoch}/{epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}  "
                 f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
@@ -161,6 +209,8 @@ def track(
                     f"keeping epoch {progress.best_epoch} (val acc {progress.best_val_accuracy:.4f})"
                 )
                 break
+            if resume:  # last, so the RNG states it saves are those the next epoch starts from
+                resume.save(model, best_model, progress, logged, time.perf_counter() - start)
         live.summary.update(
             {
                 "best": {
@@ -176,4 +226,15 @@ def track(
             }
         )
         live.make_summary()
-        return dict(live.summary)
+    if resume:
+        resume.finish()
+    return dict(live.summary)
+
+
+def _log_epoch(live: Live, m: EpochMetrics) -> None:
+    live.step = m.epoch
+    live.log_metric("train/loss", m.train_loss)
+    live.log_metric("train/accuracy", m.train_accuracy)
+    live.log_metric("train/lr", m.lr)
+    live.log_metric("val/loss", m.val_loss)
+    live.log_metric("val/accuracy", m.val_accuracy)

@@ -8,6 +8,7 @@ MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 REPORTS_DIR = Path("reports")
 DATA_REPORT = METRICS_DIR / "data_report.json"  # what split left out, and why
+RESUME_DIR = Path(".resume")  # outside every DVC output, which DVC deletes before rerunning a stage; git-ignored
 MODEL_NAMES = ("flexible", "resnet")
 
 
@@ -25,3 +26,7 @@ def eval_metrics_dir(model: str) -> Path:
 
 def report_dir(model: str) -> Path:
     return REPORTS_DIR / model
+
+
+def resume_state(model: str) -> Path:
+    return RESUME_DIR / f"train_{model}.pt"

@@ -142,19 +142,22 @@ def fit(
     grad_clip: float = 0.0,
     precision: str = "fp32",
     channels_last: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Iterator[EpochMetrics]:
     """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics.
 
     `loss_fn` is the training loss (label smoothing lives there); validation loss is plain cross-entropy, so it
     stays comparable between runs with different smoothing. `scheduler` is stepped after every batch. `precision`
     (fp32, bf16, fp16) autocasts forward passes; `channels_last` keeps images and weights in NHWC layout, which the
-    CPU and GPU convolution kernels run faster on.
+    CPU and GPU convolution kernels run faster on. `scaler`: fp16's loss scaler, for a caller that keeps its state
+    (a resumed run); made here when None.
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     val_loss_fn = nn.CrossEntropyLoss()
     # Moves parameters in place, so an optimizer built before this call still holds them.
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    scaler = grad_scaler(device, precision)
+    if scaler is None:
+        scaler = grad_scaler(device, precision)
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
         train_loss, train_acc, lr = train_one_epoch(

@@ -66,5 +66,8 @@ def make_loader(
         num_workers=num_workers,
         generator=generator,
         pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=num_workers > 0,
+        # Not persistent: each epoch then starts fresh workers seeded from `generator`, so an epoch's augmentation
+        # depends only on the generator's state, which a resume state saves. Persistent workers would carry RNG
+        # states from epoch to epoch that no resume state can capture, and a resumed run would draw other crops.
+        persistent_workers=False,
     )
