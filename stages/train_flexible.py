@@ -6,16 +6,17 @@ from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_and_track, training_data
 from inatpipe.models import build_model
-from inatpipe.params import as_dict, load_params
-from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.params import load_params
+from inatpipe.runtime import choose_device, configure_threads, seed_everything
 
 
 def main() -> None:
     p = load_params()
     device = choose_device(p.device)
     generator = seed_everything(p.seed)
+    configure_threads()
     data = training_data(p.data, p.train.batch_size, generator, device)
-    config = {"image_size": p.data.image_size, **as_dict(p.model)}
+    config = {"image_size": p.data.image_size, **p.model.architecture()}  # num_filters resolved from the pattern
     model = build_model("flexible_cnn", len(data.classes), config)
     optimizer = torch.optim.Adam(model.parameters(), lr=p.train.learning_rate, weight_decay=p.train.weight_decay)
     train_and_track(
@@ -28,6 +29,7 @@ def main() -> None:
         checkpoint=paths.checkpoint("flexible"),
         model_name="flexible_cnn",
         model_config=config,
+        summary={"num_filters": config["num_filters"]},  # what ran, also when a filter pattern chose it
     )
 
 

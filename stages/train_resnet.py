@@ -8,7 +8,7 @@ from inatpipe.experiment import train_and_track, training_data
 from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
-from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.runtime import choose_device, configure_threads, seed_everything
 
 ARCH = "resnet50"
 
@@ -17,6 +17,7 @@ def main() -> None:
     p = load_params()
     device = choose_device(p.device)
     generator = seed_everything(p.seed)
+    configure_threads()
     data = training_data(p.data, p.resnet.batch_size, generator, device)
     config = {"arch": ARCH, "freeze_backbone": True}
     model = build_model("resnet", len(data.classes), config)
