@@ -280,17 +280,21 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_raw(path: str | Path = "params.yaml") -> Any:
+    """params.yaml as plain YAML data, before validation (`1e-3` reads as a float, as DVC reads it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        return yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from None
-    return parse_params(raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_raw(path))
 
 
 def as_dict(params: Any) -> dict:
