@@ -61,7 +61,7 @@ class Range:
             x = rng.uniform(self.low, self.high)
         if self.integer:
             return min(max(round(x), int(self.low)), int(self.high))
-        return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+        return min(max(float(f"{x:.{SIGNIFICANT_DIGITS}g}"), self.low), self.high)
 
 
 Space = dict[str, Choice | Range]
@@ -219,7 +219,7 @@ def queue_args(name: str, config: dict[str, Any], stages: Sequence[str] = ()) ->
 def experiment_names(prefix: str, n: int) -> list[str]:
     if not _NAME.match(prefix):
         raise UserError(f"--name {prefix!r}: use letters, digits, '-', '_' or '.', starting with a letter or digit")
-    width = len(str(n))
+    width = max(2, len(str(n)))  # PREFIX-01 ... sorts in order in listings
     return [f"{prefix}-{i:0{width}d}" for i in range(1, n + 1)]
 
 
