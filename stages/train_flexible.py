@@ -29,7 +29,8 @@ def main() -> None:
         checkpoint=paths.checkpoint("flexible"),
         model_name="flexible_cnn",
         model_config=config,
-        summary={"num_filters": config["num_filters"]},  # what ran, also when a filter pattern chose it
+        # What ran, also when a filter pattern chose it; a string, as DVC shows string metrics but drops lists.
+        summary={"num_filters": ",".join(map(str, config["num_filters"]))},
     )
 
 

@@ -44,6 +44,11 @@ class Axis:
         low, high = min(values), max(values)
         self.log = low > 0 and high / low > 10
         self.low, self.high = (math.log10(low), math.log10(high)) if self.log else (low, high)
+        distinct = sorted(set(values))
+        if all(isinstance(v, int) for v in values) and len(distinct) <= 8 and not self.log:
+            self.ticks = [self.position(v) for v in distinct]  # integers (kernel sizes, widths): label each one
+            self.labels = [str(v) for v in distinct]
+            return
         ticks = np.linspace(self.low, self.high, 5)
         self.ticks = [float(t) for t in np.linspace(0, 1, 5)]
         self.labels = [_label(float(10**t) if self.log else float(t)) for t in ticks]

@@ -37,7 +37,7 @@ class Experiment:
     val_loss: float
     test_accuracy: float | None  # None when evaluate@flexible did not score this experiment's checkpoint
     train_seconds: float | None
-    num_filters: list[int] | None
+    num_filters: str | None  # the conv widths that ran, e.g. "32,64,128"
 
 
 @dataclass
@@ -117,7 +117,7 @@ def parse_exp_show(show: list[dict]) -> tuple[list[Experiment], dict[str, str], 
                 left_out[name] = f"no best.val_accuracy in {TRAIN_METRICS}"
             else:
                 loss = _metric(data, TRAIN_METRICS, "best", "val_loss")
-                filters = _metric(data, TRAIN_METRICS, "num_filters")
+                filters = _metric(data, TRAIN_METRICS, "num_filters")  # "32,64,128" as train_flexible records it
                 finished.append(
                     Experiment(
                         name=name,
@@ -128,7 +128,7 @@ def parse_exp_show(show: list[dict]) -> tuple[list[Experiment], dict[str, str], 
                         val_loss=float(loss) if isinstance(loss, (int, float)) else float("inf"),
                         test_accuracy=_test_accuracy(data),
                         train_seconds=_metric(data, TRAIN_METRICS, "train_seconds"),
-                        num_filters=filters if isinstance(filters, list) else None,
+                        num_filters=filters if isinstance(filters, str) else None,
                     )
                 )
     return finished, left_out, baselines
