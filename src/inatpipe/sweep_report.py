@@ -156,7 +156,8 @@ def ranking_table(ranked: list[Experiment], varying: list[str]) -> pd.DataFrame:
             row["filters (ran)"] = _cell(e.num_filters)
         row |= {VAL: e.val_accuracy, TEST: e.test_accuracy, SECONDS: e.train_seconds}
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.astype(object).where(table.notna(), None)  # None, not NaN, so the markdown shows it as missing
 
 
 def _cell(value: Any) -> Any:
