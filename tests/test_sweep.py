@@ -24,6 +24,7 @@ from inatpipe.sweep import (
 )
 
 from .conftest import ROOT
+from .project import Project
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,15 @@ def test_cli_bad_sweep_yaml_is_one_line_and_exit_2(tmp_path: Path):
     assert result.stderr.strip() == "error: sweep.yaml: train.learning_rate: min (0.001) is greater than max (1e-05)"
     assert result.stdout == ""
     assert (tmp_path / "sweep.yaml").read_text() == before
+
+
+def test_report_without_finished_experiments_is_one_line_and_exit_2(tmp_path: Path):
+    p = Project(tmp_path)
+    p.env["PYTHONPATH"] = str(ROOT / "src")  # an empty project: the library comes from this checkout
+    p.git("init", "-q")
+    p.dvc("init", "-q")
+    p.git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "empty")
+    result = p.inatpipe("sweep", "report", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: no finished experiments to rank; queue some with")
+    assert "Traceback" not in result.stderr and not (tmp_path / "reports").exists()
