@@ -37,9 +37,10 @@ class Copy:
         self.env.pop("INATPIPE_THREADS", None)
 
     def run(self, *cmd: str, env: dict | None = None) -> str:
-        return subprocess.run(
-            cmd, cwd=self.work, env={**self.env, **(env or {})}, check=True, capture_output=True, text=True
-        ).stdout
+        result = subprocess.run(cmd, cwd=self.work, env={**self.env, **(env or {})}, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result.stdout
 
     def dvc(self, *args: str, env: dict | None = None) -> str:
         return self.run(sys.executable, "-m", "dvc", *args, env=env)
@@ -88,6 +89,8 @@ def main() -> None:
         p.run(sys.executable, "-m", "inatpipe.cli", "data", "setup")
         text = (work / "params.yaml").read_text()
         (work / "params.yaml").write_text(text.replace("  epochs: 10 ", f"  epochs: {opts.epochs} ", 1))
+        p.run("git", "add", "-A")
+        p.run("git", "commit", "-qm", "project")  # dvclive needs a commit to run in
         p.dvc("repro", "train_flexible")
         p.run("git", "add", "-A")
         p.run("git", "commit", "-qm", "baseline")
