@@ -63,10 +63,11 @@ class Copy:
         seconds = time.perf_counter() - start
         status = self.dvc("queue", "status")
         tasks = status.split("\n\n")[0].splitlines()[1:]  # the task table, before "Worker status: ..."
-        if len(tasks) != 4 or any(not line.endswith("Success") for line in tasks):
-            raise SystemExit(f"expected 4 successful experiments:\n{status}")
-        self.dvc("queue", "remove", "--success")
-        return seconds
+        failed = [line.split()[1] for line in tasks if not line.endswith("Success")]
+        for name in failed:  # a failed experiment makes the time meaningless: say so, with its log
+            print(f"experiment {name} failed (-j {jobs}); its log:\n{self.dvc('queue', 'logs', name)}", file=sys.stderr)
+        self.dvc("queue", "remove", "--success", "--failed")
+        return seconds if not failed else float("nan")
 
 
 def main() -> None:
