@@ -12,7 +12,7 @@ from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.evaluation import evaluate_checkpoint
 from inatpipe.params import load_params
 from inatpipe.reports import write_model_report
-from inatpipe.runtime import choose_device
+from inatpipe.runtime import choose_device, configure_threads
 
 
 def main() -> None:
@@ -21,6 +21,7 @@ def main() -> None:
     name = sys.argv[1]
     p = load_params()
     device = choose_device(p.device)
+    configure_threads()
     test = read_index(paths.SPLIT_DIR / "test.csv")
     m, pred, classes = evaluate_checkpoint(
         paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device, p.evaluate.precision

@@ -6,9 +6,9 @@ from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
-from inatpipe.params import as_dict, load_params
+from inatpipe.params import load_params
 from inatpipe.resume import Resumable, params_sections
-from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.runtime import choose_device, configure_threads, seed_everything
 
 PARAMS = ("seed", "device", "data", "model", "train")  # the params sections this stage reads
 
@@ -17,8 +17,9 @@ def main() -> None:
     p = load_params()
     device = choose_device(p.device)
     generator = seed_everything(p.seed)
+    configure_threads()
     data = training_data(p.data, p.train.batch_size, generator, device)
-    config = {"image_size": p.data.image_size, **as_dict(p.model)}
+    config = {"image_size": p.data.image_size, **p.model.architecture()}  # num_filters resolved from the pattern
     model = build_model("flexible_cnn", len(data.classes), config)
     train_with_recipe(
         model,
@@ -30,6 +31,8 @@ def main() -> None:
         model_name="flexible_cnn",
         model_config=config,
         resume=Resumable(paths.resume_state("flexible"), params_sections(p, *PARAMS), Path(__file__)),
+        # What ran, also when a filter pattern chose it; a string, as DVC shows string metrics but drops lists.
+        summary={"num_filters": ",".join(map(str, config["num_filters"]))},
     )
 
 

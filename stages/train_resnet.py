@@ -9,7 +9,7 @@ from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
 from inatpipe.resume import Resumable, params_sections
-from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.runtime import choose_device, configure_threads, seed_everything
 
 ARCH = "resnet50"
 PARAMS = ("seed", "device", "data", "resnet")  # the params sections this stage reads
@@ -19,6 +19,7 @@ def main() -> None:
     p = load_params()
     device = choose_device(p.device)
     generator = seed_everything(p.seed)
+    configure_threads()
     data = training_data(p.data, p.resnet.batch_size, generator, device)
     config = {"arch": ARCH, "freeze_backbone": True}
     model = build_model("resnet", len(data.classes), config)

@@ -26,7 +26,7 @@ from inatpipe.resume import (
 )
 from inatpipe.training import EpochMetrics
 
-from .test_pipeline import Project, new_project
+from .project import Project, new_project
 
 STATE = Path(".resume/train_flexible.pt")
 

@@ -1,28 +1,19 @@
-"""The `inatpipe` command: getting data into data/, and using a trained checkpoint: predict, inspect, filters.
-(The pipeline itself runs through `dvc repro`.)"""
+"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters), and
+queueing and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from inatpipe.atomic import write_text
+from inatpipe.dvc_cli import run_dvc
 from inatpipe.errors import UserError, exit_on_user_error
 
 DATA = Path("data")
-
-
-def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # The DVC installed beside this package, whatever PATH says.
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], text=True, capture_output=True)
-    if check and result.returncode != 0:
-        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise UserError(f"`dvc {' '.join(args)}` failed: {last[0]}")
-    return result
 
 
 def _track(out: Path) -> None:
@@ -30,7 +21,7 @@ def _track(out: Path) -> None:
     if not Path(".dvc").is_dir():
         print(f"not in a DVC project; run `dvc add {out}` yourself to track {out}/")
         return
-    _dvc("add", str(out))
+    run_dvc("add", str(out))
     print(f"{out}/ is tracked by {out}.dvc; commit it with: git add {out}.dvc && git commit -m 'Update data'")
 
 
@@ -64,11 +55,11 @@ def cmd_setup(args: argparse.Namespace) -> None:
         return
     tracked = Path(f"{DATA}.dvc")
     if tracked.is_file():
-        if _dvc("checkout", str(tracked), check=False).returncode == 0 and DATA.is_dir():
+        if run_dvc("checkout", str(tracked), check=False).returncode == 0 and DATA.is_dir():
             print(f"restored {DATA}/ from the DVC cache")
             return
-        if _dvc("remote", "list", check=False).stdout.strip():
-            if _dvc("pull", str(tracked), check=False).returncode == 0 and DATA.is_dir():
+        if run_dvc("remote", "list", check=False).stdout.strip():
+            if run_dvc("pull", str(tracked), check=False).returncode == 0 and DATA.is_dir():
                 print(f"pulled {DATA}/ from the DVC remote")
                 return
             print(f"dvc pull did not bring {DATA}/; building the embedded sample instead")
@@ -84,7 +75,7 @@ def cmd_setup(args: argparse.Namespace) -> None:
             f"sample with `dvc add {DATA}`."
         )
         return
-    _dvc("commit", "--force", "--quiet", str(tracked))
+    run_dvc("commit", "--force", "--quiet", str(tracked))
     print(f"{DATA}/ is the data {tracked} records; it is now in the DVC cache")
 
 
@@ -96,7 +87,7 @@ def _matches_record(tracked: Path) -> bool:
     """
     recorded = tracked.read_text()
     try:
-        _dvc("add", "--no-commit", "--quiet", str(DATA))
+        run_dvc("add", "--no-commit", "--quiet", str(DATA))
         built = _recorded_md5(tracked.read_text())
     finally:
         write_text(tracked, recorded)  # atomic: a kill here must not leave the user's data.dvc half-written
@@ -155,6 +146,60 @@ def cmd_filters(args: argparse.Namespace) -> None:
         print(f"wrote {guided_backprop_figure(model, meta, args.guided, guided_out)}")
 
 
+def cmd_sweep_queue(args: argparse.Namespace) -> None:
+    from inatpipe.sweep import queue_sweep
+
+    queued = queue_sweep(
+        args.space, Path("params.yaml"), args.n, args.seed, args.name or f"rs{args.seed}", args.stage, args.dry_run
+    )
+    for name, dvc_args in queued:
+        print(("would run: dvc " if args.dry_run else f"{name}: dvc ") + " ".join(dvc_args))
+    if not args.dry_run:
+        print(
+            f"queued {len(queued)} experiments; run them with `dvc queue start -j 2` (-j: how many at once), "
+            "follow with `dvc queue status`, then `inatpipe sweep report`"
+        )
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> None:
+    from inatpipe.sweep_report import write_sweep_report
+
+    report = write_sweep_report(args.out, all_commits=args.all_commits)
+    print(report.summary())
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from inatpipe.sweep import SPACE_FILE
+
+    sweep = sub.add_parser("sweep", help="random search and sweep reports over DVC experiments")
+    commands = sweep.add_subparsers(dest="sweep_command", required=True)
+    queue = commands.add_parser(
+        "queue", help="sample configurations from sweep.yaml and queue each as a named `dvc exp run --queue`"
+    )
+    queue.add_argument("--n", type=int, default=20, help="how many experiments (default: 20)")
+    queue.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; the same seed queues the same configurations"
+    )
+    queue.add_argument("--space", type=Path, default=SPACE_FILE, help=f"search space (default: {SPACE_FILE})")
+    queue.add_argument("--name", help="experiment name prefix (default: rs<seed>); names are PREFIX-01, PREFIX-02, ...")
+    queue.add_argument(
+        "--stage", action="append", default=[], help="run only this stage and what it needs (repeatable)"
+    )
+    queue.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of queueing them")
+    queue.set_defaults(func=cmd_sweep_queue)
+
+    report = commands.add_parser(
+        "report", help="rank the experiments in `dvc exp show` and plot validation accuracy against their params"
+    )
+    report.add_argument(
+        "--out", type=Path, default=Path("reports/sweep"), help="output folder (default: reports/sweep)"
+    )
+    report.add_argument(
+        "--all-commits", action="store_true", help="experiments of every commit, not only those based on HEAD"
+    )
+    report.set_defaults(func=cmd_sweep_report)
+
+
 def parser() -> argparse.ArgumentParser:
     from inatpipe.data.fetch import INATURALIST_URL
 
@@ -200,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     filters.add_argument("--guided", type=Path, nargs="+", metavar="IMAGE", help="also draw guided-backprop maps")
     filters.add_argument("--guided-out", type=Path, help="default: <model name>_guided_backprop.png")
     filters.set_defaults(func=cmd_filters)
+
+    _add_sweep(sub)
     return p
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import yaml
 
 from inatpipe.errors import ConfigError
+from inatpipe.filter_patterns import EXPLICIT, FILTER_PATTERNS, expand_filters
 
 # Names of torch.nn activation modules that take no required arguments; FlexibleCNN builds them by name.
 ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh", "Hardswish")
@@ -71,9 +72,16 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    """FlexibleCNN architecture: one conv block per entry of `num_filters`, then a dense layer."""
+    """FlexibleCNN architecture: one conv block per entry of `filters`, then a dense layer.
+
+    `filters` is `num_filters` as written when `filter_pattern` is `explicit`, else the pattern expanded with
+    `base_filters` and `depth` (see filter_patterns.py).
+    """
 
     num_filters: tuple[int, ...]
+    filter_pattern: str
+    base_filters: int
+    depth: int
     kernel_size: int
     activation: str
     batch_norm: bool
@@ -91,6 +99,14 @@ class ModelParams:
             list(self.num_filters),
         )
         _require(
+            self.filter_pattern in FILTER_PATTERNS,
+            "model.filter_pattern",
+            f"one of {', '.join(FILTER_PATTERNS)}",
+            self.filter_pattern,
+        )
+        _require(self.base_filters >= 1, "model.base_filters", "an integer >= 1", self.base_filters)
+        _require(self.depth >= 1, "model.depth", "an integer >= 1 (conv blocks)", self.depth)
+        _require(
             self.kernel_size >= 1 and self.kernel_size % 2 == 1,
             "model.kernel_size",
             "an odd integer >= 1 (same-padding needs an odd size: 1, 3, 5, 7, ...)",
@@ -106,6 +122,21 @@ class ModelParams:
         )
         _require(self.pooling_stride >= 1, "model.pooling_stride", "an integer >= 1", self.pooling_stride)
         _require(self.dense_neurons >= 1, "model.dense_neurons", "an integer >= 1", self.dense_neurons)
+
+    @property
+    def filters(self) -> tuple[int, ...]:
+        """The conv widths that run: `num_filters`, or the pattern's expansion."""
+        if self.filter_pattern == EXPLICIT:
+            return self.num_filters
+        return expand_filters(self.filter_pattern, self.base_filters, self.depth)
+
+    def architecture(self) -> dict[str, Any]:
+        """FlexibleCNN's keyword arguments, with `num_filters` resolved: what a checkpoint records and rebuilds."""
+        config = _plain(dataclasses.asdict(self))
+        for key in ("filter_pattern", "base_filters", "depth"):
+            del config[key]
+        config["num_filters"] = list(self.filters)
+        return config
 
 
 @dataclass(frozen=True)
@@ -207,11 +238,12 @@ class Params:
         """Each FlexibleCNN block pools; catch a stack too deep for the image size before any work starts."""
         m = self.model
         size = self.data.image_size
-        for block in range(1, len(m.num_filters) + 1):
+        source = "model.num_filters" if m.filter_pattern == EXPLICIT else f"model.filter_pattern {m.filter_pattern}"
+        for block in range(1, len(m.filters) + 1):
             size = (size - m.pooling_kernel_size) // m.pooling_stride + 1
             if size < 1:
                 raise ConfigError(
-                    f"params.yaml: model.num_filters has {len(m.num_filters)} blocks, but data.image_size="
+                    f"params.yaml: {source} has {len(m.filters)} blocks, but data.image_size="
                     f"{self.data.image_size} pools down to nothing at block {block}; use fewer blocks, a smaller "
                     "model.pooling_kernel_size / model.pooling_stride, or a larger data.image_size"
                 )
@@ -289,17 +321,21 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_raw(path: str | Path = "params.yaml") -> Any:
+    """params.yaml as plain YAML data, before validation (`1e-3` reads as a float, as DVC reads it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        return yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from None
-    return parse_params(raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_raw(path))
 
 
 def as_dict(params: Any) -> dict:

@@ -1,0 +1,246 @@
+"""Random search as DVC experiments: read a search space (sweep.yaml), sample valid configurations, queue them.
+
+Each configuration becomes one named `dvc exp run --queue -S key=value ...`; `dvc queue start -j N` runs them and
+DVC's experiment refs hold the results. Nothing here runs, schedules or stores experiments itself.
+
+sweep.yaml maps params.yaml keys (dotted) to how to draw them:
+
+    parameters:
+      model.kernel_size: {values: [3, 5, 7]}               # one of the listed values, uniformly
+      model.dropout: {min: 0.0, max: 0.3}                  # a number in [min, max], uniformly
+      train.learning_rate: {min: 1.0e-5, max: 1.0e-3, log: true}   # log-uniform: each decade equally likely
+      model.base_filters: {min: 16, max: 64}               # both ends integers: an integer in [min, max]
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from inatpipe.dvc_cli import run_dvc
+from inatpipe.errors import ConfigError, UserError
+from inatpipe.params import parse_params, read_raw
+
+SPACE_FILE = Path("sweep.yaml")
+ENTRY_FIELDS = ("values", "min", "max", "log")
+# Floats are drawn to 3 significant digits: experiment names and tables stay readable, and 1.23e-4 vs
+# 1.234567e-4 is not a difference a sweep can measure.
+SIGNIFICANT_DIGITS = 3
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[Any, ...]
+
+    def draw(self, rng: random.Random) -> Any:
+        return copy.deepcopy(rng.choice(self.values))
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool
+    integer: bool
+
+    def draw(self, rng: random.Random) -> Any:
+        if self.log:
+            x = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            x = rng.uniform(self.low, self.high)
+        if self.integer:
+            return min(max(round(x), int(self.low)), int(self.high))
+        return min(max(float(f"{x:.{SIGNIFICANT_DIGITS}g}"), self.low), self.high)
+
+
+Space = dict[str, Choice | Range]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_space(raw: Any, source: str = "sweep.yaml") -> Space:
+    """Check the shape of a search space (not yet its keys or values against params.yaml)."""
+    if not isinstance(raw, dict) or set(raw) != {"parameters"} or not isinstance(raw["parameters"], dict):
+        raise UserError(
+            f"{source} must hold one mapping, `parameters:`, of params.yaml keys to {{values: [...]}} or "
+            "{min: ..., max: ...}"
+        )
+    if not raw["parameters"]:
+        raise UserError(f"{source}: parameters is empty; add at least one params.yaml key to sweep")
+    return {str(key): _parse_entry(str(key), spec, source) for key, spec in raw["parameters"].items()}
+
+
+def _parse_entry(key: str, spec: Any, source: str) -> Choice | Range:
+    where = f"{source}: {key}"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be a mapping: {{values: [...]}} or {{min: ..., max: ...}}, got {spec!r}")
+    unknown = [f for f in spec if f not in ENTRY_FIELDS]
+    if unknown:
+        raise UserError(f"{where}: unknown field {unknown[0]!r}; an entry has values, or min, max and optionally log")
+    if "values" in spec:
+        if set(spec) != {"values"}:
+            raise UserError(f"{where}: give either values or min/max, not both")
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: values must be a non-empty list, got {values!r}")
+        return Choice(tuple(values))
+    if "min" not in spec or "max" not in spec:
+        raise UserError(f"{where}: a range needs both min and max (or give values: [...])")
+    low, high, log = spec["min"], spec["max"], spec.get("log", False)
+    if not (_is_number(low) and _is_number(high)):
+        raise UserError(f"{where}: min and max must be numbers, got min={low!r} max={high!r}")
+    if low > high:
+        raise UserError(f"{where}: min ({low}) is greater than max ({high})")
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise UserError(f"{where}: a log range needs min > 0, got min={low}")
+    integer = isinstance(low, int) and isinstance(high, int)
+    return Range(low, high, log, integer)
+
+
+def load_space(path: Path = SPACE_FILE) -> Space:
+    if not path.is_file():
+        raise UserError(f"{path} not found; write a search space there (see the README's random search section)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_space(raw, str(path))
+
+
+def _leaves(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        keys += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def with_overrides(raw_params: dict, config: dict[str, Any]) -> dict:
+    """A copy of the params mapping with each dotted key of `config` set, as `dvc exp run -S` would set it."""
+    out = copy.deepcopy(raw_params)
+    for key, value in config.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def check_space(space: Space, raw_params: dict, source: str = "sweep.yaml") -> None:
+    """Every key is a params.yaml key, and every listed value (every range end) is valid for it on its own."""
+    leaves = _leaves(raw_params)
+    for key, spec in space.items():
+        if key not in leaves:
+            close = difflib.get_close_matches(key, leaves, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{source}: {key} is not a key of params.yaml{hint}")
+        candidates = spec.values if isinstance(spec, Choice) else (spec.low, spec.high)
+        for value in candidates:
+            try:
+                parse_params(with_overrides(raw_params, {key: value}))
+            except ConfigError as e:
+                # Only the key's own errors: a value can be invalid beside today's params yet valid beside other
+                # sampled values (model.depth 6 with a larger data.image_size); sampling skips those combinations.
+                if re.match(rf"params\.yaml: {re.escape(key)}(\[\d+\])? must ", str(e)):
+                    raise UserError(f"{source}: {key}: {value!r} is not valid ({e})") from None
+
+
+def sample_configs(space: Space, raw_params: dict, n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` distinct configurations drawn from `space`, each valid for params.yaml; the same seed gives the same list."""
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    rng = random.Random(seed)
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    draws = 100 * n + 1000
+    for _ in range(draws):
+        config = {key: spec.draw(rng) for key, spec in space.items()}
+        fingerprint = repr(sorted(config.items()))
+        if fingerprint in seen:
+            continue
+        seen.add(fingerprint)
+        try:
+            parse_params(with_overrides(raw_params, config))
+        except ConfigError:
+            continue  # e.g. too many conv blocks for the image size: draw again
+        found.append(config)
+        if len(found) == n:
+            return found
+    raise UserError(
+        f"found only {len(found)} distinct valid configurations in {draws} draws; ask for fewer with --n or widen "
+        "the search space"
+    )
+
+
+def format_value(value: Any) -> str:
+    """A value as `dvc exp run -S key=value` reads it (Hydra's override grammar)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mantissa, _, exponent = text.partition("e")
+        if "." not in mantissa and "inf" not in mantissa and "nan" not in mantissa:
+            mantissa += ".0"  # a dot keeps it a float in params.yaml for every YAML reader
+        return mantissa + (f"e{exponent}" if exponent else "")
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+        return "'" + value.replace("'", "\\'") + "'"  # commas etc. would be read as a Hydra sweep
+    return str(value)
+
+
+def override_args(config: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in config.items():
+        args += ["-S", f"{key}={format_value(value)}"]
+    return args
+
+
+def queue_args(name: str, config: dict[str, Any], stages: Sequence[str] = ()) -> list[str]:
+    """The `dvc` arguments that queue one configuration as the experiment `name`."""
+    return ["exp", "run", "--queue", "-n", name, *stages, *override_args(config)]
+
+
+def experiment_names(prefix: str, n: int) -> list[str]:
+    if not _NAME.match(prefix):
+        raise UserError(f"--name {prefix!r}: use letters, digits, '-', '_' or '.', starting with a letter or digit")
+    width = max(2, len(str(n)))  # PREFIX-01 ... sorts in order in listings
+    return [f"{prefix}-{i:0{width}d}" for i in range(1, n + 1)]
+
+
+def queue_sweep(
+    space_path: Path,
+    params_path: Path,
+    n: int,
+    seed: int,
+    prefix: str,
+    stages: Sequence[str] = (),
+    dry_run: bool = False,
+) -> list[tuple[str, list[str]]]:
+    """Sample `n` configurations and queue each as a named DVC experiment; returns (name, dvc arguments) pairs."""
+    names = experiment_names(prefix, n)
+    space = load_space(space_path)
+    raw_params = read_raw(params_path)
+    parse_params(raw_params)  # a broken params.yaml is reported as itself, not as a bad sweep entry
+    check_space(space, raw_params, str(space_path))
+    configs = sample_configs(space, raw_params, n, seed)
+    queued = [(name, queue_args(name, c, stages)) for name, c in zip(names, configs, strict=True)]
+    if not dry_run:
+        for _, args in tqdm(queued, desc="queueing", unit="exp", disable=None):
+            run_dvc(*args)
+    return queued

@@ -1,0 +1,85 @@
+"""A temporary git + DVC copy of the project on a tiny generated dataset, driven through the real CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .conftest import ROOT, write_dataset
+
+SMALL_LR = 1.0e-3
+SMALL_PARAMS = {
+    "data": {"image_size": 16},
+    "model": {"num_filters": [8, 16], "dense_neurons": 32},
+    "train": {"epochs": 2, "batch_size": 8, "scheduler": "constant", "warmup_epochs": 0.0, "learning_rate": SMALL_LR},
+    "resnet": {"epochs": 1, "batch_size": 8},
+    "evaluate": {"batch_size": 16},
+}
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(root / "src"),  # stages import this copy's library, not the installed one
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+        }
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def inatpipe(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "inatpipe.cli", *args, check=check)
+
+    def git(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run("git", *args)
+
+    def json(self, path: str) -> dict:
+        return json.loads((self.root / path).read_text())
+
+    def set_params(self, overrides: dict) -> None:
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        for section, values in overrides.items():
+            params[section].update(values)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def new_project(root: Path, overrides: dict, **dataset) -> Project:
+    """A fresh git + DVC repo at `root` holding a copy of the project and a tiny dataset, params overridden."""
+    for name in ("dvc.yaml", "params.yaml", "sweep.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_dataset(root / "data", **dataset)
+    p = Project(root)
+    p.set_params(overrides)
+    p.git("init", "-q")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "test")
+    p.dvc("init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the committed settings: the offline plots page
+    shutil.copytree(ROOT / "vendor", root / "vendor")
+    p.dvc("add", "-q", "data")
+    p.git("add", "-A")
+    p.git("commit", "-qm", "project with tiny data")
+    return p
+
+
+def make_project(root: Path, params: dict) -> Project:
+    """`new_project` with the tiny dataset most end-to-end tests use."""
+    return new_project(root, params, train_per_class=12, test_per_class=4, size=16)
