@@ -24,3 +24,8 @@ def eval_metrics_dir(model: str) -> Path:
 
 def report_dir(model: str) -> Path:
     return REPORTS_DIR / model
+
+
+FEATURES_DIR = Path("artifacts/features")
+FEATURES_FILE = FEATURES_DIR / "backbone.pt"  # pooled backbone features of the train and val subsets
+FEATURES_SKIPPED = FEATURES_DIR / "skipped.json"  # written instead when the features can't be reused
