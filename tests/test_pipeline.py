@@ -70,21 +70,17 @@ class Project:
         path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Project:
-    """A fresh git + DVC repo holding a copy of the project and a tiny dataset, after one full `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
+def create_project(root: Path, overrides: dict, **dataset) -> Project:
+    """A fresh git + DVC repo at `root` holding a copy of the project, a tiny dataset and `overrides` of the
+    params, all committed; nothing run yet."""
+    root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
     for name in ("stages", "src"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    write_dataset(root / "data", train_per_class=12, test_per_class=4, size=16)
-    # A random ResNet50 state_dict stands in for the ImageNet download, which this machine can't make.
-    weights = tmp_path_factory.mktemp("weights") / "resnet50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
-
+    write_dataset(root / "data", **dataset)
     p = Project(root)
-    p.set_params({**SMALL_PARAMS, "resnet": {**SMALL_PARAMS["resnet"], "weights": str(weights)}})
+    p.set_params(overrides)
     p.git("init", "-q")
     p.git("config", "user.email", "test@example.com")
     p.git("config", "user.name", "test")
@@ -94,6 +90,17 @@ def project(tmp_path_factory) -> Project:
     p.dvc("add", "-q", "data")
     p.git("add", "-A")
     p.git("commit", "-qm", "project with tiny data")
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    """A fresh git + DVC repo holding a copy of the project and a tiny dataset, after one full `dvc repro`."""
+    # A random ResNet50 state_dict stands in for the ImageNet download, which this machine can't make.
+    weights = tmp_path_factory.mktemp("weights") / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    overrides = {**SMALL_PARAMS, "resnet": {**SMALL_PARAMS["resnet"], "weights": str(weights)}}
+    p = create_project(tmp_path_factory.mktemp("project"), overrides, train_per_class=12, test_per_class=4, size=16)
     p.repro_output = p.dvc("repro").stdout
     p.git("add", "-A")
     p.git("commit", "-qm", "baseline results")
@@ -105,6 +112,7 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
         "split",
         "stats",
         "train_flexible",
+        "features",
         "train_resnet",
         "evaluate@flexible",
         "evaluate@resnet",
