@@ -165,7 +165,13 @@ def train_transfer(
         checkpoint=checkpoint,
         model_name="resnet",
         model_config=model_config,
-        summary={**counts, "strategy": recipe.strategy, "arch": recipe.arch, **(summary or {})},
+        summary={
+            **counts,
+            "arch": recipe.arch,
+            "strategy": recipe.strategy,
+            "unfrozen": ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :][::-1]) or "none",
+            **(summary or {}),
+        },
     )
 
 
