@@ -137,7 +137,7 @@ def load_pretrained(model: TransferResNet, weights: str, arch: str, require: boo
             "The backbone starts from RANDOM weights, so expect poor accuracy; metrics record pretrained: false.\n"
             f"To use real weights: download {enum.url}\n"
             f"  to {cache} (torchvision's cache), or set resnet.weights: path/to/state_dict.pth,\n"
-            "  then retrain: dvc repro --force --single-item train_resnet && dvc repro\n"
+            "  then retrain: dvc repro --force --single-item features train_resnet && dvc repro\n"
             f"Set resnet.require_pretrained: true to stop here instead.\n{'!' * 78}\n",
             file=sys.stderr,
         )
