@@ -11,10 +11,12 @@ import torch
 import torchvision
 import yaml
 
+from inatpipe.checkpoint import load_checkpoint
 from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.transforms import eval_transform
 from inatpipe.errors import UserError
+from inatpipe.experiment import TrainingData
 from inatpipe.features import BackboneFeatures, extract, weights_fingerprint
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import ARCHS, STAGES, TransferResNet, load_pretrained
@@ -27,6 +29,7 @@ from inatpipe.transfer import (
     finetune_history,
     head_history,
     stage_rates,
+    train_transfer,
 )
 
 from .conftest import ROOT, write_image_folder
@@ -236,3 +239,42 @@ def test_weights_file_of_another_architecture_is_refused_in_one_line(tmp_path: P
     right = TransferResNet(num_classes=4, arch="resnet50")
     assert load_pretrained(right, str(path), "resnet50", require=False) is True
     assert weights_fingerprint(right.backbone) != weights_fingerprint(TransferResNet(4, "resnet50").backbone)
+
+
+def test_a_staged_run_records_its_strategy_and_counts_and_saves_the_complete_model(images, tmp_path: Path):
+    torch.manual_seed(0)
+    model = TransferResNet(num_classes=3, arch="resnet18")
+    recipe = resnet_params(arch="resnet18", strategy="staged", unfreeze=1, head_epochs=1, epochs=2, batch_size=8)
+    generator = torch.Generator().manual_seed(0)
+    data = TrainingData(
+        classes=["cat", "dog", "owl"],
+        image_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        train=image_loader(images, shuffle=True, generator=generator),
+        val=image_loader(images, generator=generator),
+    )
+    summary = train_transfer(
+        model,
+        data,
+        recipe,
+        device=CPU,
+        generator=generator,
+        features=None,
+        live_dir=tmp_path / "live",
+        checkpoint=tmp_path / "resnet.pt",
+        model_config={"arch": "resnet18"},
+        summary={"weights": "none", "pretrained": False},
+    )
+    layer4 = sum(p.numel() for p in model.backbone.layer4.parameters())
+    assert summary["params_trainable"] == 512 * 3 + 3 + layer4 and summary["params_trainable_head_epochs"] == 1539
+    assert {k: summary[k] for k in ("arch", "strategy", "unfrozen", "weights")} == {
+        "arch": "resnet18",
+        "strategy": "staged",
+        "unfrozen": "layer4",
+        "weights": "none",
+    }
+    assert summary["stop"] == {"epoch": 2, "reason": "completed"}
+    restored, meta = load_checkpoint(tmp_path / "resnet.pt")  # the complete model, as evaluate and predict load it
+    assert isinstance(restored, TransferResNet) and meta["model_config"] == {"arch": "resnet18"}
+    assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)  # the frozen stem
