@@ -35,27 +35,50 @@ CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 PUBLISHED = {"plain 5-layer conv + BN CNN": 0.931, "ResNet18": 0.949}
 
 # Shared by both configurations: the images are 28x28, garments are left/right symmetric, and a 4-block CNN
-# pools 28 -> 14 -> 7 -> 3 -> 1. Everything else is the recipe's defaults.
+# pools 28 -> 14 -> 7 -> 3 -> 1. bf16 autocast with channels_last runs the convolutions about 2.3x as fast as fp32
+# on a CPU with AVX-512 BF16, and one loader process decodes the next batch while the model trains on this one.
 COMMON = {
     "data.image_size": 28,
     "data.hflip": True,
     "data.rotation": 0.0,
     "data.crop_scale": 0.8,
-    "model.num_filters": "[32,64,128,256]",
-    "model.dense_neurons": 256,
+    "data.num_workers": 1,
     "model.dropout": 0.3,
     "train.batch_size": 128,
     "train.optimizer": "adamw",
     "train.learning_rate": 3.0e-3,
     "train.weight_decay": 0.05,
     "train.scheduler": "onecycle",
-    "train.warmup_epochs": 2.0,
     "train.label_smoothing": 0.1,
+    "train.precision": "bf16",
+    "train.channels_last": True,
 }
 CONFIGS = {
-    # name: (overrides, target test accuracy, training-minutes budget)
-    "fast": ({**COMMON, "train.epochs": 9, "train.warmup_epochs": 1.0}, 0.93, 10),
-    "full": ({**COMMON, "train.epochs": 28}, 0.94, 30),
+    # name: (overrides, target test accuracy, training-minutes budget); max_minutes guards the budget.
+    "fast": (
+        {
+            **COMMON,
+            "model.num_filters": "[32,64,128,256]",
+            "model.dense_neurons": 256,
+            "train.epochs": 12,
+            "train.warmup_epochs": 2.0,
+            "train.max_minutes": 9.5,
+        },
+        0.93,
+        10,
+    ),
+    "full": (
+        {
+            **COMMON,
+            "model.num_filters": "[48,96,192,384]",
+            "model.dense_neurons": 384,
+            "train.epochs": 34,
+            "train.warmup_epochs": 5.0,
+            "train.max_minutes": 29.0,
+        },
+        0.94,
+        30,
+    ),
 }
 
 
@@ -124,7 +147,7 @@ def main() -> None:
         run("git", "commit", "-qm", "Fashion-MNIST as an iNaturalist-layout folder")
 
         results = {}
-        for name in args.only or sorted(CONFIGS):
+        for name in args.only or list(CONFIGS):
             overrides, target, budget = CONFIGS[name]
             sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
             print(f"{name}: dvc exp run evaluate@flexible {' '.join(sets)}", flush=True)

@@ -1,9 +1,8 @@
 """Stage compare: both models side by side in metrics/compare.json and metrics/compare.md, and the report a person
 reads first, reports/compare.md, with its bar chart."""
 
-import json
-
 from inatpipe import paths
+from inatpipe.atomic import write_json, write_text
 from inatpipe.compare import compare_models, report_markdown, to_markdown
 from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.params import load_params
@@ -19,9 +18,9 @@ def main() -> None:
         {name: paths.eval_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
         weights={"resnet": p.resnet.weights},
     )
-    (paths.METRICS_DIR / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(paths.METRICS_DIR / "compare.json", rows)
     table = to_markdown(rows)
-    (paths.METRICS_DIR / "compare.md").write_text(table)
+    write_text(paths.METRICS_DIR / "compare.md", table)
 
     per_class = {}
     for name in paths.MODEL_NAMES:
@@ -30,7 +29,7 @@ def main() -> None:
             raise UserError(f"{source} not found; run `dvc repro` so every model is evaluated")
         per_class[name] = source.read_text()
     comparison_bars(rows, paths.REPORTS_DIR / BARS)
-    (paths.REPORTS_DIR / "compare.md").write_text(report_markdown(rows, per_class, BARS))
+    write_text(paths.REPORTS_DIR / "compare.md", report_markdown(rows, per_class, BARS))
     print(table)
     print(f"report: {paths.REPORTS_DIR / 'compare.md'}")
 

@@ -1,12 +1,12 @@
 """Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-class table, confusion matrix,
 calibration, and the images under reports/<model>/."""
 
-import json
 import sys
 
 from dvclive import Live
 
 from inatpipe import paths
+from inatpipe.atomic import write_json
 from inatpipe.data.index import read_index
 from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.evaluation import evaluate_checkpoint
@@ -23,7 +23,7 @@ def main() -> None:
     device = choose_device(p.device)
     test = read_index(paths.SPLIT_DIR / "test.csv")
     m, pred, classes = evaluate_checkpoint(
-        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device
+        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device, p.evaluate.precision
     )
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
@@ -34,7 +34,7 @@ def main() -> None:
         names = [classes[i] for i in pred.targets], [classes[i] for i in pred.predicted]
         live.log_sklearn_plot("confusion_matrix", *names, name="confusion_matrix.json")
     per_class = [{"class": c, **scores} for c, scores in m["per_class"].items()]
-    (out / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
+    write_json(out / "per_class.json", per_class)
     write_model_report(
         paths.report_dir(name), name, m, test["path"].tolist(), pred.targets, pred.predicted, pred.confidence, classes
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import shutil
 import subprocess
@@ -77,7 +78,7 @@ def test_split_needs_two_images_per_class(tmp_path: Path):
 
 def test_test_folder_must_not_bring_new_classes(tmp_path: Path):
     test = scan_folder(write_image_folder(tmp_path, classes=("a", "zebra"), per_class=1, size=4))
-    with pytest.raises(UserError, match="class 'zebra'"):
+    with pytest.raises(UserError, match="class folders that the training folder lacks: 'zebra'"):
         check_test_classes(test, ["a", "b"], "val")
     assert check_test_classes(test, ["a", "b", "zebra"], "val") == ["b"]
 
@@ -303,3 +304,77 @@ def test_setup_never_rewrites_a_data_dvc_that_records_other_data(tmp_path: Path)
     assert "records other data than the embedded sample" in result.stdout
     assert (project / "data.dvc").read_text() == recorded
     assert len(scan_folder(project / "data" / "train")) == 1797 - 355  # the sample was built
+
+
+def test_setup_on_a_fresh_clone_builds_the_sample_without_a_false_alarm(tmp_path: Path):
+    """A fresh clone has the committed data.dvc and no cache: `dvc status` says "not in cache", yet the data match."""
+    project = dvc_project(tmp_path / "project")
+    shutil.copy(ROOT / "data.dvc", project / "data.dvc")
+    recorded = (project / "data.dvc").read_text()
+    result = run_cli("data", "setup", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout + result.stderr
+    assert "is now in the DVC cache" in result.stdout
+    assert (project / "data.dvc").read_text() == recorded
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json", "data.dvc"], cwd=project, capture_output=True, text=True
+    )
+    assert status.stdout.strip() == "{}", "the sample is cached: data.dvc is fully satisfied"
+
+
+def test_archive_members_that_escape_are_kept_inside_and_named(tmp_path: Path, capsys):
+    archive = make_zip(tmp_path)
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("../escaped.txt", "up one")
+        zf.writestr("inaturalist_12K/../../../deeper.txt", "up three")
+        zf.writestr("/tmp/absolute.txt", "absolute")
+        zf.writestr("..", "no name left")
+    work = tmp_path / "work"
+    work.mkdir()
+    before = {p for p in tmp_path.rglob("*") if "work" not in p.parts}
+    absolute_existed = Path("/tmp/absolute.txt").exists()
+    out = fetch_dataset(str(archive), work / "data")
+    assert len(scan_folder(out / "train")) == 9
+    after = {p for p in tmp_path.rglob("*") if "work" not in p.parts}
+    assert after == before, "nothing was written outside the target"
+    assert Path("/tmp/absolute.txt").exists() == absolute_existed
+    # The one renamed member that lands inside the dataset root stays, where the warning says; the staging folder
+    # with the others is gone.
+    assert [p.relative_to(work).as_posix() for p in work.rglob("*.txt")] == ["data/deeper.txt"]
+    assert (out / "deeper.txt").read_text() == "up three"
+    assert [p.name for p in work.iterdir()] == ["data"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert lines == [
+        f"warning: {archive} has 4 members whose names point outside the target folder: "
+        "'../escaped.txt' written as 'escaped.txt', 'inaturalist_12K/../../../deeper.txt' written as "
+        "'inaturalist_12K/deeper.txt', '/tmp/absolute.txt' written as 'tmp/absolute.txt', '..' skipped"
+    ]
+
+
+def test_fetch_checks_a_given_sha256_before_unpacking(tmp_path: Path):
+    archive = make_zip(tmp_path)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match=f"has sha256 {digest}, not the expected 0{{64}}"):
+        fetch_dataset(str(archive), tmp_path / "data", sha256="0" * 64)
+    assert not (tmp_path / "data").exists() and archive.is_file()
+    with pytest.raises(UserError, match="must be 64 hexadecimal digits"):
+        fetch_dataset(str(archive), tmp_path / "data", sha256="abc")
+    out = fetch_dataset(str(archive), tmp_path / "data", sha256=digest.upper())
+    assert len(scan_folder(out / "train")) == 9
+
+
+def test_a_download_with_the_wrong_sha256_is_deleted_and_replaces_nothing(
+    tmp_path: Path, http_server: str, monkeypatch
+):
+    archive = make_zip(tmp_path)
+    work = tmp_path / "project"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(UserError, match="the download of .* has sha256 .*it was deleted"):
+        fetch_dataset(f"{http_server}/nature_12K.zip", Path("data"), force=True, sha256="f" * 64)
+    assert list((work / "downloads").iterdir()) == []
+    assert (work / "data" / "keep.txt").read_text() == "mine"
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    fetch_dataset(f"{http_server}/nature_12K.zip", Path("data"), force=True, sha256=digest)
+    assert len(scan_folder(work / "data" / "val")) == 6

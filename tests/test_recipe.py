@@ -35,6 +35,8 @@ RECIPE = TrainParams(
     patience=0,
     grad_clip=0.0,
     max_minutes=0.0,
+    precision="fp32",
+    channels_last=False,
 )
 
 

@@ -117,3 +117,26 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device 'cuda' is not available"):
             choose_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("precision", "channels_last"), [("bf16", False), ("bf16", True), ("fp32", True), ("fp16", False)]
+)
+def test_mixed_precision_and_channels_last_train_with_finite_losses(dataset: Path, precision, channels_last):
+    seed_everything(0)
+    index = scan_folder(dataset / "train")
+    classes = sorted(index["label"].unique())
+    tf = eval_transform(16, MEAN, STD)
+    train = make_loader(IndexDataset(index, classes, tf), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = make_loader(IndexDataset(scan_folder(dataset / "val"), classes, tf), 8)
+    model = build_model("flexible_cnn", len(classes), CONFIG)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = list(
+        fit(model, optimizer, train, val, 3, torch.device("cpu"), precision=precision, channels_last=channels_last)
+    )
+    for m in history:
+        assert all(np.isfinite([m.train_loss, m.val_loss]))
+    assert history[-1].train_loss < history[0].train_loss
+    conv = model.features[0].weight
+    assert conv.dtype == torch.float32  # autocast computes in low precision; the weights stay fp32
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (channels_last and conv.shape[-1] > 1)

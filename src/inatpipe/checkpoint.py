@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from inatpipe.atomic import atomic_open
 from inatpipe.errors import UserError
 from inatpipe.models import build_model
 
@@ -27,7 +27,7 @@ def save_checkpoint(
     std: list[float],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write atomically (temp file + rename), so an interrupted run never leaves a truncated checkpoint."""
+    """Write atomically (temp file, fsync, rename), so an interrupted run never leaves a truncated checkpoint."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
@@ -38,10 +38,8 @@ def save_checkpoint(
         "extra": extra or {},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

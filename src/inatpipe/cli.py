@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from inatpipe.atomic import write_text
 from inatpipe.errors import UserError, exit_on_user_error
 
 DATA = Path("data")
@@ -43,7 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     from inatpipe.data.fetch import fetch_dataset
 
-    out = fetch_dataset(args.source, args.out, force=args.force)
+    out = fetch_dataset(args.source, args.out, force=args.force, sha256=args.sha256)
     print(f"dataset ready in {out}/")
     if args.track:
         _track(out)
@@ -71,15 +74,40 @@ def cmd_setup(args: argparse.Namespace) -> None:
             print(f"dvc pull did not bring {DATA}/; building the embedded sample instead")
     n = build_digits_sample(DATA)
     print(f"wrote {n} images of the embedded digits sample to {DATA}/")
-    status = _dvc("status", "--json", str(tracked), check=False) if tracked.is_file() else None
-    if status is not None and status.stdout.strip() not in ("{}", ""):
+    if not (tracked.is_file() and Path(".dvc").is_dir()):
+        _track(DATA)
+        return
+    if not _matches_record(tracked):
         print(
             f"warning: {tracked} records other data than the embedded sample, and neither the DVC cache nor a remote "
             f"has it; {tracked} is left unchanged. Get that data (`inatpipe data fetch --force ...`) or track the "
             f"sample with `dvc add {DATA}`."
         )
         return
-    _track(DATA)
+    _dvc("commit", "--force", "--quiet", str(tracked))
+    print(f"{DATA}/ is the data {tracked} records; it is now in the DVC cache")
+
+
+def _matches_record(tracked: Path) -> bool:
+    """Whether data/ hashes, by DVC's own reckoning, to the md5 that `tracked` records.
+
+    `dvc status` can't tell: without a cached copy it says "not in cache" whether or not the data differ. So hash
+    data/ with `dvc add --no-commit` (which fills no cache) and put the recorded file back exactly as it was.
+    """
+    recorded = tracked.read_text()
+    try:
+        _dvc("add", "--no-commit", "--quiet", str(DATA))
+        built = _recorded_md5(tracked.read_text())
+    finally:
+        write_text(tracked, recorded)  # atomic: a kill here must not leave the user's data.dvc half-written
+    return built is not None and built == _recorded_md5(recorded)
+
+
+def _recorded_md5(text: str) -> str | None:
+    try:
+        return yaml.safe_load(text)["outs"][0]["md5"]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _load(model: Path, device: str = "cpu"):
@@ -148,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--out", type=Path, default=DATA, help="folder to create (default: data)")
     fetch.add_argument("--force", action="store_true", help="replace an existing data folder")
+    fetch.add_argument("--sha256", help="expected SHA-256 of the zip (downloaded or given); checked before unpacking")
     fetch.add_argument("--no-track", dest="track", action="store_false", help="skip `dvc add`")
     fetch.set_defaults(func=cmd_fetch)
 

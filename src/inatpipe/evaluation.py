@@ -17,6 +17,7 @@ from tqdm import tqdm
 from inatpipe.checkpoint import load_checkpoint
 from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.transforms import eval_transform
+from inatpipe.training import autocast
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,19 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Predictions:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> Predictions:
     model.eval()
     targets, outputs, seconds, warmed_up = [], [], 0.0, False
     for x, y in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
         x = x.to(device)
         if not warmed_up:  # the first call pays one-off kernel set-up; keep it out of the throughput figure
-            model(x)
+            with autocast(device, precision):
+                model(x)
             warmed_up = True
         _sync(device)
         start = time.perf_counter()
-        logits = model(x)
+        with autocast(device, precision):
+            logits = model(x)
         _sync(device)
         seconds += time.perf_counter() - start
         outputs.append(logits.detach().double().cpu())
@@ -141,14 +144,20 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, test_index: pd.DataFrame, batch_size: int, num_workers: int, device: torch.device
+    checkpoint: Path,
+    test_index: pd.DataFrame,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[dict, Predictions, list[str]]:
     """Rebuild a model from its checkpoint (classes, size and normalisation travel inside); score it on `test_index`."""
     model, meta = load_checkpoint(checkpoint, device)
     classes = meta["classes"]
     norm = meta["normalization"]
     dataset = IndexDataset(test_index, classes, eval_transform(meta["image_size"], norm["mean"], norm["std"]))
-    pred = predict(model, make_loader(dataset, batch_size, num_workers=num_workers, device=device), device)
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    pred = predict(model, loader, device, precision)
     metrics = classification_metrics(pred, classes)
     metrics["infer_images_per_second"] = len(dataset) / max(pred.forward_seconds, 1e-9)
     return metrics, pred, classes

@@ -87,6 +87,8 @@ def train_with_recipe(
         loss_fn=training_loss(recipe),
         scheduler=scheduler,
         grad_clip=recipe.grad_clip,
+        precision=recipe.precision,
+        channels_last=recipe.channels_last,
     )
     return track(
         model,

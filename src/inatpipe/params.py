@@ -41,6 +41,7 @@ RESNET_ARCHS = (
 STRATEGIES = ("head", "partial", "full", "staged")
 RESNET_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what resnet.unfreeze counts from the top
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("constant", "cosine", "onecycle")
 
 
@@ -61,6 +62,7 @@ class DataParams:
     rotation: float
     crop_scale: float
     num_workers: int
+    max_bad_fraction: float
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "data.root", "a folder path", self.root)
@@ -74,6 +76,12 @@ class DataParams:
             0 < self.crop_scale <= 1, "data.crop_scale", "in (0, 1] (smallest crop area fraction)", self.crop_scale
         )
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        _require(
+            0 <= self.max_bad_fraction < 1,
+            "data.max_bad_fraction",
+            "in [0, 1) (a share of the image files)",
+            self.max_bad_fraction,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ class RecipeParams:
     patience: int
     grad_clip: float
     max_minutes: float
+    precision: str
+    channels_last: bool
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -154,6 +164,7 @@ class RecipeParams:
         _require(self.patience >= 0, f"{s}.patience", "an integer >= 0 (0 turns early stopping off)", self.patience)
         _require(self.grad_clip >= 0, f"{s}.grad_clip", "a number >= 0 (0 turns clipping off)", self.grad_clip)
         _require(self.max_minutes >= 0, f"{s}.max_minutes", "a number >= 0 (0: no time limit)", self.max_minutes)
+        _require(self.precision in PRECISIONS, f"{s}.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
 
 @dataclass(frozen=True)
@@ -218,9 +229,11 @@ class ResnetParams(RecipeParams):
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    precision: str
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "evaluate.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.precision in PRECISIONS, "evaluate.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
 
 @dataclass(frozen=True)

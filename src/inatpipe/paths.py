@@ -7,6 +7,7 @@ STATS_FILE = Path("artifacts/stats.json")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 REPORTS_DIR = Path("reports")
+DATA_REPORT = METRICS_DIR / "data_report.json"  # what split left out, and why
 MODEL_NAMES = ("flexible", "resnet")
 
 

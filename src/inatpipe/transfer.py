@@ -79,7 +79,14 @@ def finetune_history(
     stages are frozen (no gradients, BatchNorm statistics untouched); then they train. `fit` stays unaware of
     fine-tuning, and the caller sees one history, as from any other run.
     """
-    loop = {"device": device, "loss_fn": training_loss(recipe), "scheduler": scheduler, "grad_clip": recipe.grad_clip}
+    loop = {
+        "device": device,
+        "loss_fn": training_loss(recipe),
+        "scheduler": scheduler,
+        "grad_clip": recipe.grad_clip,
+        "precision": recipe.precision,
+        "channels_last": recipe.channels_last,
+    }
     if recipe.strategy != "staged":
         yield from fit(model, optimizer, train, val, recipe.epochs, **loop)
         return
@@ -120,6 +127,7 @@ def head_history(
         loss_fn=training_loss(recipe),
         scheduler=scheduler,
         grad_clip=recipe.grad_clip,
+        precision=recipe.precision,  # channels_last is for images; features are plain vectors
     )
 
 

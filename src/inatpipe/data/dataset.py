@@ -6,14 +6,17 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from inatpipe.data.images import open_rgb
 from inatpipe.errors import UserError
 
 
 class IndexDataset(Dataset):
-    """Images listed in an index (path, label); labels become class indices in the order of `classes`."""
+    """Images listed in an index (path, label); labels become class indices in the order of `classes`.
+
+    Every image is read as 8-bit RGB by `open_rgb`, whatever its mode, and upright as its EXIF tag says.
+    """
 
     def __init__(self, index: pd.DataFrame, classes: list[str], transform: Callable | None = None):
         class_to_idx = {name: i for i, name in enumerate(classes)}
@@ -32,15 +35,16 @@ class IndexDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path = self.paths[i]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            img = open_rgb(path)
         except FileNotFoundError:
             raise UserError(
                 f"{path} is listed in the index but missing; rerun `dvc repro` after changing data/"
             ) from None
-        except (UnidentifiedImageError, OSError) as e:
+        except OSError as e:  # PIL's UnidentifiedImageError is one too
+            # Split left out every unreadable file, so this one changed since; stop rather than silently train on a
+            # different set than the index (and DVC) record. `dvc repro` reruns split, which then leaves it out.
             raise UserError(
-                f"{path} is not a readable image ({e}); remove or replace it, then rerun `dvc repro`"
+                f"{path} is not a readable image ({e}); it changed after `split` ran: rerun `dvc repro`"
             ) from None
         return (self.transform(img) if self.transform else img), self.targets[i]
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from inatpipe.atomic import atomic_open, write_json
+from inatpipe.data.images import is_image_name
 from inatpipe.errors import UserError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 HOW_TO_GET_DATA = "run `make data` for the embedded sample or `inatpipe data fetch` for iNaturalist 12K"
 
 
@@ -21,7 +22,7 @@ def scan_folder(folder: Path) -> pd.DataFrame:
         (img.as_posix(), class_dir.name)
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for img in sorted(class_dir.rglob("*"))
-        if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file()
+        if is_image_name(img) and img.is_file()
     ]
     if not rows:
         raise UserError(f"{folder}/ holds no images in class folders ({folder}/<class>/<image>); {HOW_TO_GET_DATA}")
@@ -29,8 +30,8 @@ def scan_folder(folder: Path) -> pd.DataFrame:
 
 
 def write_index(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df[["path", "label"]].to_csv(path, index=False)
+    with atomic_open(path) as f:
+        df[["path", "label"]].to_csv(f, index=False, lineterminator="\n")
 
 
 def read_index(path: Path) -> pd.DataFrame:
@@ -40,8 +41,7 @@ def read_index(path: Path) -> pd.DataFrame:
 
 
 def write_classes(classes: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(classes, indent=2) + "\n")
+    write_json(path, classes)
 
 
 def read_classes(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from inatpipe.atomic import write_json
 from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.transforms import to_tensor
 from inatpipe.errors import UserError
@@ -38,8 +39,7 @@ def compute_stats(index, classes: list[str], image_size: int, num_workers: int =
 
 
 def write_stats(stats: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(path, stats)
 
 
 def read_stats(path: Path, image_size: int) -> dict:
