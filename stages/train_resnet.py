@@ -1,18 +1,16 @@
-"""Stage train_resnet: ResNet50 transfer learning, frozen backbone (ImageNet weights when available), new head."""
-
-from pathlib import Path
+"""Stage train_resnet: transfer learning from a torchvision ResNet (ImageNet weights when available) with the
+strategy of resnet.strategy; the head trains on the features stage's output when the backbone is frozen and
+nothing is augmented."""
 
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
-from inatpipe.experiment import train_with_recipe, training_data
+from inatpipe.experiment import training_data
+from inatpipe.features import describe, forward_reason, load_or_extract
 from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
-from inatpipe.resume import Resumable, params_sections
 from inatpipe.runtime import choose_device, configure_threads, seed_everything
-
-ARCH = "resnet50"
-PARAMS = ("seed", "device", "data", "resnet")  # the params sections this stage reads
+from inatpipe.transfer import train_transfer
 
 
 def main() -> None:
@@ -21,20 +19,32 @@ def main() -> None:
     generator = seed_everything(p.seed)
     configure_threads()
     data = training_data(p.data, p.resnet.batch_size, generator, device)
-    config = {"arch": ARCH, "freeze_backbone": True}
+    config = {"arch": p.resnet.arch}
     model = build_model("resnet", len(data.classes), config)
-    pretrained = load_pretrained(model, p.resnet.weights, ARCH, p.resnet.require_pretrained)
-    train_with_recipe(  # the recipe's optimizer takes only the trainable parameters: the head
+    pretrained = load_pretrained(model, p.resnet.weights, p.resnet.arch, p.resnet.require_pretrained)
+
+    features, reason = None, forward_reason(p.resnet.strategy, p.data.augment)
+    if reason:
+        print(f"full forward pass every epoch: {reason}")
+    else:
+        meta = describe(p.resnet.arch, model.backbone, p.data.image_size, data.mean, data.std)
+        features, note = load_or_extract(paths.FEATURES_FILE, model.backbone, p.data, device, meta)
+        print(note)
+    train_transfer(
         model,
         data,
         p.resnet,
         device=device,
+        generator=generator,
+        features=features,
         live_dir=paths.train_metrics_dir("resnet"),
         checkpoint=paths.checkpoint("resnet"),
-        model_name="resnet",
         model_config=config,
-        summary={"pretrained": pretrained},
-        resume=Resumable(paths.resume_state("resnet"), params_sections(p, *PARAMS), Path(__file__)),
+        summary={
+            "pretrained": pretrained,
+            "weights": p.resnet.weights,
+            "backbone_features": "cached" if features else "forward",
+        },
     )
 
 

@@ -61,6 +61,7 @@ class Project:
 
 def new_project(root: Path, overrides: dict, **dataset) -> Project:
     """A fresh git + DVC repo at `root` holding a copy of the project and a tiny dataset, params overridden."""
+    root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", "sweep.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
     for name in ("stages", "src"):

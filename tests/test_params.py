@@ -40,8 +40,10 @@ def test_shipped_params_load_with_the_documented_keys():
     assert p.train.batch_size == 64 and p.train.learning_rate == pytest.approx(2e-3)
     assert (p.train.optimizer, p.train.scheduler, p.train.label_smoothing) == ("adamw", "cosine", 0.1)
     assert p.resnet.weights == "imagenet" and p.resnet.batch_size == 32
+    assert (p.resnet.arch, p.resnet.strategy) == ("resnet50", "head")  # fast: the head trains on cached features
     # One set of recipe keys for both training stages.
-    assert [f for f in vars(p.train)] == [f for f in vars(p.resnet) if f not in ("weights", "require_pretrained")]
+    transfer_only = ("arch", "weights", "require_pretrained", "strategy", "unfreeze", "head_epochs", "lr_decay")
+    assert [f for f in vars(p.train)] == [f for f in vars(p.resnet) if f not in transfer_only]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,13 @@ def test_shipped_params_load_with_the_documented_keys():
         ("resnet.channels_last", "yes", "resnet.channels_last must be true or false"),
         ("evaluate.precision", "half", "evaluate.precision must be one of fp32, bf16, fp16"),
         ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
+        ("resnet.arch", "resnet51", "resnet.arch must be one of resnet18, resnet34, resnet50"),
+        ("resnet.strategy", "unfrozen", "resnet.strategy must be one of head, partial, full, staged"),
+        ("resnet.unfreeze", 0, "resnet.unfreeze must be an integer from 1 (layer4) to 4 (layer1-layer4), or 5"),
+        ("resnet.unfreeze", 6, "resnet.unfreeze must be an integer from 1 (layer4)"),
+        ("resnet.lr_decay", 0.0, "resnet.lr_decay must be in (0, 1]"),
+        ("resnet.lr_decay", 1.5, "resnet.lr_decay must be in (0, 1]"),
+        ("resnet.head_epochs", -1, "resnet.head_epochs must be an integer >= 0"),
         ("data.val_fraction", 1.0, "data.val_fraction must be between 0 and 1"),
         ("data.image_size", 4, "data.image_size must be an integer >= 8"),
         ("data.max_bad_fraction", 1.0, "data.max_bad_fraction must be in [0, 1)"),
@@ -173,3 +182,18 @@ def test_stage_without_data_says_how_to_get_it(tmp_path: Path):
         "error: data/train/ not found; run `make data` for the embedded sample "
         "or `inatpipe data fetch` for iNaturalist 12K"
     ]
+
+
+@pytest.mark.parametrize("head_epochs", [0, 5])
+def test_staged_needs_head_epochs_within_the_run(raw, head_epochs):
+    raw["resnet"].update({"strategy": "staged", "epochs": 5, "head_epochs": head_epochs})
+    with pytest.raises(ConfigError, match=r"resnet\.head_epochs must be an integer from 1 to resnet\.epochs - 1 \(4\)"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "unfreeze", "stages"), [("head", 3, 0), ("partial", 2, 2), ("staged", 1, 1), ("full", 1, 5)]
+)
+def test_strategy_decides_how_many_backbone_stages_train(raw, strategy, unfreeze, stages):
+    raw["resnet"].update({"strategy": strategy, "unfreeze": unfreeze})
+    assert parse_params(raw).resnet.trainable_stages == stages

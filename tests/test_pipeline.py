@@ -44,6 +44,7 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
         "split",
         "stats",
         "train_flexible",
+        "features",
         "train_resnet",
         "evaluate@flexible",
         "evaluate@resnet",
@@ -65,6 +66,8 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
         assert row["train_seconds"] > 0 and row["infer_images_per_second"] > 0
     assert compare["resnet"]["pretrained"] is True  # the weights file was used
     assert compare["resnet"]["params_trainable"] == 2048 * 3 + 3
+    assert (compare["resnet"]["arch"], compare["resnet"]["strategy"]) == ("resnet50", "head (backbone frozen)")
+    assert compare["flexible"]["strategy"] == "from scratch"
     assert compare["flexible"]["params_trainable"] == compare["flexible"]["params_total"]
     table = (project.root / "metrics" / "compare.md").read_text()
     assert "| flexible " in table and "| resnet " in table and "test_accuracy" in table

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import classification_report
 
-from inatpipe.compare import report_markdown, weights_source
+from inatpipe.compare import report_markdown, strategy_text, weights_source
 from inatpipe.data.index import scan_folder
 from inatpipe.evaluation import Predictions, classification_metrics, expected_calibration_error, reliability_bins
 from inatpipe.reports import (
@@ -135,6 +135,8 @@ def test_model_report_images_have_one_row_per_class(tmp_path: Path):
 def test_compare_report_shows_models_side_by_side(tmp_path: Path):
     rows = {
         name: {
+            "arch": arch,
+            "strategy": strategy_text(trained),
             "test_accuracy": acc,
             "macro_f1": acc - 0.01,
             "ece": 0.05,
@@ -145,15 +147,32 @@ def test_compare_report_shows_models_side_by_side(tmp_path: Path):
             "pretrained": pretrained,
             "weights": weights_source(setting, pretrained),
         }
-        for name, acc, total, trainable, pretrained, setting in (
-            ("flexible", 0.9, 1000, 1000, False, None),
-            ("resnet", 0.8, 5000, 30, False, "imagenet"),
+        for name, arch, trained, acc, total, trainable, pretrained, setting in (
+            ("flexible", "flexible", {}, 0.9, 1000, 1000, False, None),
+            (
+                "resnet",
+                "resnet50",
+                {"strategy": "partial", "unfrozen": "layer4, layer3"},
+                0.8,
+                5000,
+                30,
+                False,
+                "imagenet",
+            ),
         )
     }
+    assert (
+        rows["resnet"]["strategy"] == "partial (head, layer4, layer3)"
+        and rows["flexible"]["strategy"] == "from scratch"
+    )
+    assert strategy_text({"strategy": "staged", "unfrozen": "layer4"}) == "staged (head, then head, layer4)"
+    assert strategy_text({"strategy": "head", "unfrozen": "none"}) == "head (backbone frozen)"
     assert rows["resnet"]["weights"] == "imagenet (NOT loaded: random init)"
     assert weights_source("w.pth", True) == "w.pth (loaded)"
     report = report_markdown(rows, {"flexible": "| table f |\n", "resnet": "| table r |\n"}, "bars.png")
     assert "| test accuracy" in report and "| 0.9000" in report and "| 5,000" in report
+    strategy_row = next(line for line in report.splitlines() if line.startswith("| training (layers that train)"))
+    assert "| from scratch" in strategy_row and "| partial (head, layer4, layer3)" in strategy_row
     assert "Best test accuracy: **flexible**" in report and "| table r |" in report
     assert "(flexible/prediction_grid.png)" in report and "(resnet/confusion_matrix.png)" in report
     with Image.open(comparison_bars(rows, tmp_path / "bars.png")) as img:

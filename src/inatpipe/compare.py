@@ -10,6 +10,8 @@ import pandas as pd
 from inatpipe.errors import UserError
 
 COLUMNS = (
+    "arch",
+    "strategy",
     "test_accuracy",
     "macro_f1",
     "ece",
@@ -37,6 +39,20 @@ def weights_source(setting: str | None, pretrained: bool) -> str:
     return f"{setting} ({'loaded' if pretrained else 'NOT loaded: random init'})"
 
 
+def strategy_text(trained: dict) -> str:
+    """How a model was trained, from its training metrics; models without a strategy were trained from scratch."""
+    strategy = trained.get("strategy")
+    if strategy is None:
+        return "from scratch"
+    unfrozen = trained.get("unfrozen", "none")
+    return {
+        "head": "head (backbone frozen)",
+        "partial": f"partial (head, {unfrozen})",
+        "full": "full (every layer)",
+        "staged": f"staged (head, then head, {unfrozen})",
+    }.get(strategy, strategy)
+
+
 def compare_models(
     train_metrics: dict[str, Path], eval_metrics: dict[str, Path], weights: dict[str, str] | None = None
 ) -> dict[str, dict]:
@@ -46,6 +62,8 @@ def compare_models(
     for name, train_path in train_metrics.items():
         trained, evaluated = _read(train_path), _read(eval_metrics[name])
         rows[name] = {
+            "arch": trained.get("arch", name),
+            "strategy": strategy_text(trained),
             "test_accuracy": evaluated["test"]["accuracy"],
             "macro_f1": evaluated["test"]["macro_f1"],
             "ece": evaluated["test"]["ece"],
@@ -64,6 +82,8 @@ def to_markdown(rows: dict[str, dict]) -> str:
     df = pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS))
     df.index.name = "model"
     formats = {
+        "arch": "{}",
+        "strategy": "{}",
         "test_accuracy": "{:.4f}",
         "macro_f1": "{:.4f}",
         "ece": "{:.4f}",
@@ -81,6 +101,8 @@ def to_markdown(rows: dict[str, dict]) -> str:
 
 # Row labels of the side-by-side table in reports/compare.md, in the order a reader wants them.
 REPORT_ROWS = {
+    "arch": "architecture",
+    "strategy": "training (layers that train)",
     "test_accuracy": "test accuracy",
     "macro_f1": "macro-F1",
     "ece": "expected calibration error (lower is better)",

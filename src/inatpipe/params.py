@@ -26,6 +26,21 @@ ACTIVATIONS = ("ReLU", "GELU", "SiLU", "Mish", "LeakyReLU", "ELU", "SELU", "Tanh
 POOLINGS = ("max", "avg")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RESNET_WEIGHTS = ("imagenet", "none")  # or a path to a state_dict file
+# torchvision ResNets and their wide and ResNeXt variants: one layout (stem, layer1..layer4, fc), one model class.
+RESNET_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+STRATEGIES = ("head", "partial", "full", "staged")
+RESNET_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what resnet.unfreeze counts from the top
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("constant", "cosine", "onecycle")
@@ -192,21 +207,54 @@ class TrainParams(RecipeParams):
 
 @dataclass(frozen=True)
 class ResnetParams(RecipeParams):
-    """ResNet50 transfer learning: frozen backbone, new head, trained with the same recipe keys as `train`."""
+    """ResNet transfer learning: which backbone, which weights, which layers train, and the recipe keys of `train`.
+
+    strategy: head (backbone frozen), partial (also the last `unfreeze` stages), full (every layer), staged (the
+    head alone for `head_epochs`, then the last `unfreeze` stages too). Below the head, each stage trains at the
+    rate of the stage above it times `lr_decay` (discriminative learning rates).
+    """
 
     SECTION: ClassVar[str] = "resnet"
 
+    arch: str
     weights: str
     require_pretrained: bool
+    strategy: str
+    unfreeze: int
+    head_epochs: int
+    lr_decay: float
 
     def __post_init__(self) -> None:
+        _require(self.arch in RESNET_ARCHS, "resnet.arch", f"one of {', '.join(RESNET_ARCHS)}", self.arch)
         _require(
             bool(self.weights),
             "resnet.weights",
             f"one of {', '.join(RESNET_WEIGHTS)} or a path to a state_dict file",
             self.weights,
         )
+        _require(self.strategy in STRATEGIES, "resnet.strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
+        _require(
+            1 <= self.unfreeze <= RESNET_STAGES,
+            "resnet.unfreeze",
+            f"an integer from 1 (layer4) to 4 (layer1-layer4), or {RESNET_STAGES} (every layer)",
+            self.unfreeze,
+        )
+        _require(0 < self.lr_decay <= 1, "resnet.lr_decay", "in (0, 1] (1: one rate for every layer)", self.lr_decay)
         super().__post_init__()
+        if self.strategy == "staged":
+            _require(
+                1 <= self.head_epochs < self.epochs,
+                "resnet.head_epochs",
+                f"an integer from 1 to resnet.epochs - 1 ({self.epochs - 1}) with strategy staged",
+                self.head_epochs,
+            )
+        else:
+            _require(self.head_epochs >= 0, "resnet.head_epochs", "an integer >= 0", self.head_epochs)
+
+    @property
+    def trainable_stages(self) -> int:
+        """How many backbone stages, counted from the top, train by the end of the run (0: only the head)."""
+        return {"head": 0, "full": RESNET_STAGES}.get(self.strategy, self.unfreeze)
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,8 @@ def report_dir(model: str) -> Path:
 
 def resume_state(model: str) -> Path:
     return RESUME_DIR / f"train_{model}.pt"
+
+
+FEATURES_DIR = Path("artifacts/features")
+FEATURES_FILE = FEATURES_DIR / "backbone.pt"  # pooled backbone features of the train and val subsets
+FEATURES_SKIPPED = FEATURES_DIR / "skipped.json"  # written instead when the features can't be reused

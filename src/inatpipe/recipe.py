@@ -37,9 +37,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, exclude_norm_and_bia
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, recipe: RecipeParams) -> torch.optim.Optimizer:
-    """Adam and SGD add L2 (weight_decay * w) to every gradient; AdamW decays decoupled, sparing norms and biases."""
-    groups = parameter_groups(model, recipe.weight_decay, exclude_norm_and_bias=recipe.optimizer == "adamw")
+def build_optimizer(model: nn.Module, recipe: RecipeParams, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Adam and SGD add L2 (weight_decay * w) to every gradient; AdamW decays decoupled, sparing norms and biases.
+
+    `groups`: explicit parameter groups, each of which may set its own `lr` (discriminative fine-tuning);
+    by default, the model's trainable parameters at `recipe.learning_rate`."""
+    if groups is None:
+        groups = parameter_groups(model, recipe.weight_decay, exclude_norm_and_bias=recipe.optimizer == "adamw")
     if not groups:
         raise ValueError("the model has no trainable parameters")  # a bug in the caller, not user input
     lr = recipe.learning_rate
@@ -73,14 +77,30 @@ def lr_factor(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> f
     return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
 
 
+def _from_step(step: int, *, start: int, factor: functools.partial) -> float:
+    return factor(step) if step >= start else 0.0
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, recipe: RecipeParams, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    recipe: RecipeParams,
+    steps_per_epoch: int,
+    start_steps: list[int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-batch schedule over `recipe.epochs`: step it after every optimizer step."""
+    """A per-batch schedule over `recipe.epochs`: step it after every optimizer step.
+
+    `start_steps`, one per parameter group: a group's rate is 0 before its start step, then follows the shared
+    schedule from wherever it has got to (the groups a staged fine-tuning unfreezes late)."""
     total = recipe.epochs * steps_per_epoch
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
     factor = functools.partial(lr_factor, kind=recipe.scheduler, warmup_steps=warmup, total_steps=total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if start_steps is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if len(start_steps) != len(optimizer.param_groups):
+        raise ValueError("one start step per parameter group")  # a bug in the caller, not user input
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [functools.partial(_from_step, start=start, factor=factor) for start in start_steps]
+    )
 
 
 def training_loss(recipe: RecipeParams) -> nn.Module:

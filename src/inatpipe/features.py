@@ -1,0 +1,157 @@
+"""Pooled backbone features, computed once: with a frozen backbone and no augmentation, every epoch would compute
+the same ones, so the head can train on stored features instead of running the backbone again.
+
+The `features` stage writes them (with what they were computed from); `train_resnet` checks that they still match
+its backbone, weights, normalisation and images before it uses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.data.index import read_classes, read_index
+from inatpipe.data.stats import read_stats
+from inatpipe.data.transforms import eval_transform
+from inatpipe.params import DataParams
+from inatpipe.paths import FEATURES_SKIPPED, SPLIT_DIR, STATS_FILE
+
+# The feature pass runs in eval mode, where the batch size changes nothing but speed; a param for it would make
+# DVC recompute identical features whenever it changed.
+BATCH_SIZE = 64
+SUBSETS = ("train", "val")
+
+
+def forward_reason(strategy: str, augment: bool) -> str | None:
+    """Why the full forward pass must run every epoch, or None when stored features give the same result."""
+    if strategy != "head":
+        return f"resnet.strategy is {strategy}: backbone layers train, so their features change with every step"
+    if augment:
+        return "data.augment is on: every epoch sees new random crops, so new features"
+    return None
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A digest of every parameter and buffer, so features are never reused with other weights than their own."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class BackboneFeatures:
+    """Features and class indices of the train and val subsets, in index order, and what they were computed from."""
+
+    features: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    paths: dict[str, list[str]]
+    meta: dict  # arch, weights, fingerprint, image_size, mean, std
+
+    def save(self, path: Path) -> None:
+        """Atomically (temp file + rename), so an interrupted run never leaves a truncated file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"features": self.features, "targets": self.targets, "paths": self.paths, "meta": self.meta}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> BackboneFeatures | None:
+        """None when the file is absent or unreadable: the caller computes the features afresh."""
+        if not path.is_file():
+            return None
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(raw["features"], raw["targets"], raw["paths"], raw["meta"])
+        except Exception:  # a truncated or foreign file raises one of several unrelated types
+            return None
+
+    def mismatch(self, expected_meta: dict, paths: dict[str, list[str]]) -> str | None:
+        """What differs between these features and the run that wants them, or None when they can be used."""
+        for key, value in expected_meta.items():
+            if self.meta.get(key) != value:
+                return f"{key} is {value!r} now, the features were computed with {self.meta.get(key)!r}"
+        for subset, listed in paths.items():
+            if self.paths.get(subset) != listed:
+                return f"the {subset} subset lists other images than when the features were computed"
+        return None
+
+
+def subset_loaders(data: DataParams) -> tuple[list[str], dict, dict[str, DataLoader]]:
+    """Classes, train-subset stats and unshuffled, unaugmented loaders of the train and val subsets."""
+    classes = read_classes(SPLIT_DIR / "classes.json")
+    stats = read_stats(STATS_FILE, data.image_size)
+    transform = eval_transform(data.image_size, stats["mean"], stats["std"])
+    loaders = {
+        subset: make_loader(
+            IndexDataset(read_index(SPLIT_DIR / f"{subset}.csv"), classes, transform),
+            BATCH_SIZE,
+            num_workers=data.num_workers,
+        )
+        for subset in SUBSETS
+    }
+    return classes, stats, loaders
+
+
+@torch.no_grad()
+def compute_features(backbone: nn.Module, loader: DataLoader, device: torch.device, desc: str) -> tuple:
+    """(features, targets) of every sample of `loader`, in its order, through `backbone` in eval mode."""
+    was_training = backbone.training
+    backbone.eval().to(device)
+    features, targets = [], []
+    for x, y in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+        features.append(backbone(x.to(device)).float().cpu())
+        targets.append(torch.as_tensor(y))
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(targets)
+
+
+def extract(backbone: nn.Module, loaders: dict[str, DataLoader], device: torch.device, meta: dict) -> BackboneFeatures:
+    """One pass of `backbone` over each subset."""
+    features, targets, paths = {}, {}, {}
+    for subset, loader in loaders.items():
+        features[subset], targets[subset] = compute_features(backbone, loader, device, f"features {subset}")
+        paths[subset] = list(loader.dataset.paths)
+    return BackboneFeatures(features, targets, paths, meta)
+
+
+def write_skipped(reason: str, path: Path = FEATURES_SKIPPED) -> None:
+    """The stage's output when features can't serve: a note of why, so the stage finishes in an instant."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"skipped": True, "reason": reason}, indent=2) + "\n")
+
+
+def describe(arch: str, backbone: nn.Module, image_size: int, mean: list[float], std: list[float]) -> dict:
+    """What features depend on besides the images: reusing them takes all of it to be unchanged."""
+    return {
+        "arch": arch,
+        "fingerprint": weights_fingerprint(backbone),
+        "image_size": image_size,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def load_or_extract(
+    path: Path, backbone: nn.Module, data: DataParams, device: torch.device, meta: dict
+) -> tuple[BackboneFeatures, str]:
+    """The stored features when they match `meta` and the current subsets, else one fresh pass of `backbone`
+    (still far cheaper than a pass every epoch); returns them and a line saying which."""
+    _, _, loaders = subset_loaders(data)
+    stored = BackboneFeatures.load(path)
+    listed = {subset: list(loader.dataset.paths) for subset, loader in loaders.items()}
+    why = "not found" if stored is None else stored.mismatch(meta, listed)
+    if why is None:
+        return stored, f"cached backbone features from {path} (backbone frozen, no augmentation): no backbone pass"
+    note = f"cached backbone features: {path} can't serve ({why}); computing them once here"
+    return extract(backbone, loaders, device, meta), note

@@ -1,0 +1,34 @@
+"""Stage features: pooled backbone features of the train and val subsets, computed once for train_resnet.
+
+Only when they can serve (strategy head, data.augment off); otherwise it writes a note of why, in an instant.
+"""
+
+from inatpipe import paths
+from inatpipe.errors import exit_on_user_error
+from inatpipe.features import describe, extract, forward_reason, subset_loaders, write_skipped
+from inatpipe.models.resnet import TransferResNet, load_pretrained
+from inatpipe.params import load_params
+from inatpipe.runtime import choose_device, seed_everything
+
+
+def main() -> None:
+    p = load_params()
+    reason = forward_reason(p.resnet.strategy, p.data.augment)
+    if reason:
+        write_skipped(reason)
+        print(f"no cached features: {reason}; train_resnet runs the backbone every epoch")
+        return
+    device = choose_device(p.device)
+    seed_everything(p.seed)
+    classes, stats, loaders = subset_loaders(p.data)
+    model = TransferResNet(len(classes), p.resnet.arch)  # seeded as in train_resnet: the same random init if any
+    pretrained = load_pretrained(model, p.resnet.weights, p.resnet.arch, p.resnet.require_pretrained)
+    meta = describe(p.resnet.arch, model.backbone, p.data.image_size, stats["mean"], stats["std"])
+    features = extract(model.backbone, loaders, device, {**meta, "weights": p.resnet.weights, "pretrained": pretrained})
+    features.save(paths.FEATURES_FILE)
+    shapes = ", ".join(f"{subset} {tuple(f.shape)}" for subset, f in features.features.items())
+    print(f"{p.resnet.arch} features: {shapes} -> {paths.FEATURES_FILE}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
