@@ -15,18 +15,19 @@ from typing import Any
 import torch
 from dvclive import Live
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.checkpoint import save_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.index import read_classes, read_index
+from inatpipe.data.dataset import NormalizedLoader, make_loader
+from inatpipe.data.index import read_classes
+from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
-from inatpipe.data.transforms import eval_transform, train_transform
+from inatpipe.data.transforms import augment, resize
 from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
-from inatpipe.paths import SPLIT_DIR, STATS_FILE
+from inatpipe.paths import PREPARED_DIR, SPLIT_DIR, STATS_FILE
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
+from inatpipe.runtime import resolve_num_workers
 from inatpipe.training import EpochMetrics, fit
 
 
@@ -36,29 +37,29 @@ class TrainingData:
     image_size: int
     mean: list[float]
     std: list[float]
-    train: DataLoader
-    val: DataLoader
+    train: NormalizedLoader
+    val: NormalizedLoader
 
 
 def training_data(data: DataParams, batch_size: int, generator: torch.Generator, device: torch.device) -> TrainingData:
-    """Loaders over the train and val index files, normalised with the train-subset statistics."""
+    """Loaders over the prepared train and val images (augmented per epoch, as uint8), normalised per batch on
+    `device` with the train-subset statistics."""
     classes = read_classes(SPLIT_DIR / "classes.json")
     stats = read_stats(STATS_FILE, data.image_size)
+    read_meta(PREPARED_DIR, data.image_size)
     mean, std = stats["mean"], stats["std"]
-    plain = eval_transform(data.image_size, mean, std)
-    augmented = train_transform(
-        data.image_size, mean, std, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale
-    )
-    train_set = IndexDataset(read_index(SPLIT_DIR / "train.csv"), classes, augmented if data.augment else plain)
-    val_set = IndexDataset(read_index(SPLIT_DIR / "val.csv"), classes, plain)
-    loader_args = {"num_workers": data.num_workers, "generator": generator, "device": device}
+    plain = resize(data.image_size)
+    augmented = augment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
+    train_set = PreparedDataset(PREPARED_DIR, "train", augmented if data.augment else plain)
+    val_set = PreparedDataset(PREPARED_DIR, "val", plain)
+    loader_args = {"num_workers": resolve_num_workers(data.num_workers), "generator": generator, "device": device}
     return TrainingData(
         classes=classes,
         image_size=data.image_size,
         mean=mean,
         std=std,
-        train=make_loader(train_set, batch_size, shuffle=True, **loader_args),
-        val=make_loader(val_set, batch_size, **loader_args),
+        train=NormalizedLoader(make_loader(train_set, batch_size, shuffle=True, **loader_args), mean, std, device),
+        val=NormalizedLoader(make_loader(val_set, batch_size, **loader_args), mean, std, device),
     )
 
 
