@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("split", "stats", "train_flexible", "train_resnet", "evaluate@flexible", "evaluate@resnet", "compare")
+STAGES = (
+    "split",
+    "prepare",
+    "stats",
+    "train_flexible",
+    "train_resnet",
+    "evaluate@flexible",
+    "evaluate@resnet",
+    "compare",
+)
 BUDGET_SECONDS = 600
 TARGET_ACCURACY = 0.97
 
