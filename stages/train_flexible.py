@@ -1,6 +1,6 @@
 """Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint."""
 
-from inatpipe import paths
+from inatpipe import distributed, paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
@@ -10,7 +10,7 @@ from inatpipe.runtime import choose_device, seed_everything
 
 def main() -> None:
     p = load_params()
-    device = choose_device(p.device)
+    device = distributed.setup(choose_device(p.device))  # under torchrun: this rank's device
     generator = seed_everything(p.seed)
     data = training_data(p.data, p.train.batch_size, generator, device)
     config = {"image_size": p.data.image_size, **as_dict(p.model)}

@@ -1,6 +1,6 @@
 """Stage train_resnet: ResNet50 transfer learning, frozen backbone (ImageNet weights when available), new head."""
 
-from inatpipe import paths
+from inatpipe import distributed, paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
@@ -13,7 +13,7 @@ ARCH = "resnet50"
 
 def main() -> None:
     p = load_params()
-    device = choose_device(p.device)
+    device = distributed.setup(choose_device(p.device))  # under torchrun: this rank's device
     generator = seed_everything(p.seed)
     data = training_data(p.data, p.resnet.batch_size, generator, device)
     config = {"arch": ARCH, "freeze_backbone": True}

@@ -17,6 +17,7 @@ from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
+from inatpipe import distributed
 from inatpipe.checkpoint import save_checkpoint
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import read_classes
@@ -53,13 +54,27 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     train_set = PreparedDataset(PREPARED_DIR, "train", augmented if data.augment else plain)
     val_set = PreparedDataset(PREPARED_DIR, "val", plain)
     loader_args = {"num_workers": resolve_num_workers(data.num_workers), "generator": generator, "device": device}
+    if distributed.active():  # under torchrun: each rank loads its share of every batch, and of the val subset
+        seed = generator.initial_seed()
+        train = make_loader(
+            train_set,
+            batch_size,
+            batch_sampler=distributed.ShardedBatches(len(train_set), batch_size, seed),
+            **loader_args,
+        )
+        val = make_loader(
+            val_set, batch_size // distributed.world_size(), sampler=distributed.Shard(len(val_set)), **loader_args
+        )
+    else:
+        train = make_loader(train_set, batch_size, shuffle=True, **loader_args)
+        val = make_loader(val_set, batch_size, **loader_args)
     return TrainingData(
         classes=classes,
         image_size=data.image_size,
         mean=mean,
         std=std,
-        train=NormalizedLoader(make_loader(train_set, batch_size, shuffle=True, **loader_args), mean, std, device),
-        val=NormalizedLoader(make_loader(val_set, batch_size, **loader_args), mean, std, device),
+        train=NormalizedLoader(train, mean, std, device),
+        val=NormalizedLoader(val, mean, std, device),
     )
 
 
@@ -79,7 +94,7 @@ def train_with_recipe(
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
     history = fit(
-        model,
+        distributed.wrap(model, device, recipe.channels_last),
         optimizer,
         data.train,
         data.val,
@@ -122,10 +137,17 @@ def track(
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), save the best-on-val checkpoint, and stop
     early after `patience` epochs without improvement or before an epoch that would end past `max_minutes`
-    (0: neither). Returns the run's summary metrics."""
+    (0: neither). Returns the run's summary metrics. Under torchrun only rank 0 writes and prints; the others
+    follow its decision to stop."""
     total, trainable = count_parameters(model)
     progress = Progress(epochs=epochs, patience=patience, max_seconds=max_minutes * 60)
     start = time.perf_counter()
+    if not distributed.is_main():
+        for m in history:
+            progress.update(m, time.perf_counter() - start)
+            if distributed.agree(progress.should_stop):
+                break
+        return {}
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         for m in history:
             live.step = m.epoch
@@ -152,7 +174,7 @@ def track(
                 f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
                 f"{'  *best' if improved else ''}"
             )
-            if progress.should_stop:
+            if distributed.agree(progress.should_stop):
                 why = {
                     "early_stopping": f"no better val accuracy for {patience} epochs",
                     "time_budget": f"another epoch would end past the {max_minutes:g}-minute budget",

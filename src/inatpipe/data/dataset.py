@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inatpipe.data.images import open_rgb
 from inatpipe.errors import UserError
@@ -64,15 +64,22 @@ def make_loader(
     num_workers: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    sampler: Sampler[int] | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
     """A DataLoader whose shuffling and per-worker augmentation seeds all derive from `generator`.
 
-    On a GPU, batches go to pinned memory so the copy to the device can overlap the previous step.
+    A `sampler` (of indices) or a `batch_sampler` (of whole batches) replaces shuffling, as the samplers that shard
+    data across processes do. On a GPU, batches go to pinned memory so the copy to the device can overlap the
+    previous step.
     """
+    if batch_sampler is not None:
+        order = {"batch_sampler": batch_sampler}
+    else:
+        order = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        **order,
         num_workers=num_workers,
         generator=generator,
         pin_memory=device is not None and device.type == "cuda",
