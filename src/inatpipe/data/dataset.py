@@ -106,7 +106,9 @@ class NormalizedLoader:
         return len(self.loader)
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["loader"], name)
+        if name == "loader":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
