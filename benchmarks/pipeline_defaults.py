@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "split",
+    "prepare",
     "stats",
     "train_flexible",
     "features",

@@ -12,7 +12,7 @@ from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.evaluation import evaluate_checkpoint
 from inatpipe.params import load_params
 from inatpipe.reports import write_model_report
-from inatpipe.runtime import choose_device, configure_threads
+from inatpipe.runtime import choose_device, configure_threads, resolve_num_workers
 
 
 def main() -> None:
@@ -24,7 +24,12 @@ def main() -> None:
     configure_threads()
     test = read_index(paths.SPLIT_DIR / "test.csv")
     m, pred, classes = evaluate_checkpoint(
-        paths.checkpoint(name), test, p.evaluate.batch_size, p.data.num_workers, device, p.evaluate.precision
+        paths.checkpoint(name),
+        paths.PREPARED_DIR,
+        p.evaluate.batch_size,
+        resolve_num_workers(p.data.num_workers),
+        device,
+        p.evaluate.precision,
     )
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:

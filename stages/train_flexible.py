@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from inatpipe import paths
+from inatpipe import distributed, paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import train_with_recipe, training_data
 from inatpipe.models import build_model
@@ -15,7 +15,7 @@ PARAMS = ("seed", "device", "data", "model", "train")  # the params sections thi
 
 def main() -> None:
     p = load_params()
-    device = choose_device(p.device)
+    device = distributed.setup(choose_device(p.device))  # under torchrun: this rank's device
     generator = seed_everything(p.seed)
     configure_threads()
     data = training_data(p.data, p.train.batch_size, generator, device)

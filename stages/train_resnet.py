@@ -2,7 +2,7 @@
 strategy of resnet.strategy; the head trains on the features stage's output when the backbone is frozen and
 nothing is augmented."""
 
-from inatpipe import paths
+from inatpipe import distributed, paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import training_data
 from inatpipe.features import describe, forward_reason, load_or_extract
@@ -15,7 +15,7 @@ from inatpipe.transfer import train_transfer
 
 def main() -> None:
     p = load_params()
-    device = choose_device(p.device)
+    device = distributed.setup(choose_device(p.device))  # under torchrun: this rank's device
     generator = seed_everything(p.seed)
     configure_threads()
     data = training_data(p.data, p.resnet.batch_size, generator, device)

@@ -21,6 +21,7 @@ from PIL import Image
 from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.fetch import fetch_dataset
 from inatpipe.data.index import read_index, scan_folder, write_index
+from inatpipe.data.prepared import prepare
 from inatpipe.data.sample import build_digits_sample
 from inatpipe.data.split import check_test_classes, stratified_split
 from inatpipe.data.stats import compute_stats
@@ -92,11 +93,19 @@ def test_index_round_trip_keeps_labels_as_strings(tmp_path: Path):
 def test_stats_equal_a_numpy_computation_over_train_only(tmp_path: Path):
     data = write_dataset(tmp_path / "data", train_per_class=5, test_per_class=3, size=12)
     train = scan_folder(data / "train")
-    stats = compute_stats(train, sorted(train["label"].unique()), image_size=12)
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) / 255 for p in train["path"]])
+    prepare({"train": train}, sorted(train["label"].unique()), 12, tmp_path / "prepared")
+    stats = compute_stats(tmp_path / "prepared", image_size=12)
+    # The prepared images (14 px) brought back to 12 px, as the stage measures them
+    prepared = np.load(tmp_path / "prepared" / "train.npy")
+    resized = [Image.fromarray(img).resize((12, 12), Image.Resampling.BILINEAR) for img in prepared]
+    pixels = np.stack([np.asarray(img, dtype=np.float64) / 255 for img in resized])
     np.testing.assert_allclose(stats["mean"], pixels.mean(axis=(0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], pixels.std(axis=(0, 1, 2)), rtol=1e-6)
     assert stats["num_images"] == 15 and stats["image_size"] == 12
+    # and close to the statistics of the original files
+    originals = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) / 255 for p in train["path"]])
+    np.testing.assert_allclose(stats["mean"], originals.mean(axis=(0, 1, 2)), atol=0.01)
+    np.testing.assert_allclose(stats["std"], originals.std(axis=(0, 1, 2)), atol=0.03)
 
 
 def test_dataset_reports_unreadable_images(tmp_path: Path):

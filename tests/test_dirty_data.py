@@ -133,6 +133,7 @@ def test_split_leaves_out_exactly_the_bad_files_and_training_runs(dirty):
     assert not {path for path, _ in bad} & (listed | set(split["test"]["path"]))
     assert len(listed) == 25 and len(split["test"]) == 9
 
+    assert run_stage("prepare.py", root).returncode == 0  # every kept image, whatever its mode, decodes
     assert run_stage("stats.py", root).returncode == 0
     trained = run_stage("train_flexible.py", root)
     assert trained.returncode == 0, trained.stderr

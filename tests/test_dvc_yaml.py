@@ -45,14 +45,19 @@ def declared_library_files(deps: list[str]) -> set[str]:
     return files
 
 
+def entry_module(cmd: str) -> str:
+    """The script of `python stages/x.py`, or of `torchrun --nproc_per_node=N stages/x.py` (several GPUs)."""
+    return next(word for word in cmd.split() if word.endswith(".py"))
+
+
 @pytest.mark.parametrize("name", sorted(stages()))
 def test_stage_deps_are_exactly_its_imports(name):
     stage = stages()[name]
-    script = stage["cmd"].split()[1]
+    script = entry_module(stage["cmd"])
     assert script in stage["deps"], f"{name} must depend on its own entry module {script}"
     assert declared_library_files(stage["deps"]) == imported_library_files(ROOT / script)
 
 
 def test_every_stage_module_has_a_stage():
-    declared = {stage["cmd"].split()[1] for stage in stages().values()}
+    declared = {entry_module(stage["cmd"]) for stage in stages().values()}
     assert declared == {p.relative_to(ROOT).as_posix() for p in (ROOT / "stages").glob("*.py")}

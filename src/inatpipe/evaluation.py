@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.checkpoint import load_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.transforms import eval_transform
+from inatpipe.data.dataset import IndexDataset, NormalizedLoader, make_loader
+from inatpipe.data.prepared import PreparedDataset, read_meta
+from inatpipe.data.transforms import eval_transform, resize
+from inatpipe.errors import UserError
 from inatpipe.training import autocast
 
 
@@ -82,7 +84,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     model.eval()
     targets, outputs, seconds, warmed_up = [], [], 0.0, False
     for x, y in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
-        x = x.to(device)
+        x = x.to(device, non_blocking=True)
         if not warmed_up:  # the first call pays one-off kernel set-up; keep it out of the throughput figure
             with autocast(device, precision):
                 model(x)
@@ -145,18 +147,26 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    test_index: pd.DataFrame,
+    test: pd.DataFrame | Path,
     batch_size: int,
     num_workers: int,
     device: torch.device,
     precision: str = "fp32",
 ) -> tuple[dict, Predictions, list[str]]:
-    """Rebuild a model from its checkpoint (classes, size and normalisation travel inside); score it on `test_index`."""
+    """Rebuild a model from its checkpoint (classes, size and normalisation travel inside); score it on `test`: the
+    folder of prepared images (its test subset), or an index of image files, decoded here."""
     model, meta = load_checkpoint(checkpoint, device)
     classes = meta["classes"]
-    norm = meta["normalization"]
-    dataset = IndexDataset(test_index, classes, eval_transform(meta["image_size"], norm["mean"], norm["std"]))
-    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    size, norm = meta["image_size"], meta["normalization"]
+    if isinstance(test, pd.DataFrame):
+        dataset = IndexDataset(test, classes, eval_transform(size, norm["mean"], norm["std"]))
+        loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    else:
+        if read_meta(test)["classes"] != classes:
+            raise UserError(f"{checkpoint} was trained on other classes than {test} holds; rerun `dvc repro`")
+        dataset = PreparedDataset(test, "test", resize(size))
+        loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+        loader = NormalizedLoader(loader, norm["mean"], norm["std"], device)
     pred = predict(model, loader, device, precision)
     metrics = classification_metrics(pred, classes)
     metrics["infer_images_per_second"] = len(dataset) / max(pred.forward_seconds, 1e-9)

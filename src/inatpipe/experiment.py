@@ -15,19 +15,21 @@ from typing import Any
 import torch
 from dvclive import Live
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from inatpipe import distributed
 from inatpipe.checkpoint import save_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.index import read_classes, read_index
+from inatpipe.data.dataset import NormalizedLoader, make_loader
+from inatpipe.data.index import read_classes
+from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
-from inatpipe.data.transforms import eval_transform, train_transform
+from inatpipe.data.transforms import augment, resize
 from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
-from inatpipe.paths import SPLIT_DIR, STATS_FILE
+from inatpipe.paths import PREPARED_DIR, SPLIT_DIR, STATS_FILE
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
 from inatpipe.resume import Resumable, ResumeRun, fingerprint
+from inatpipe.runtime import resolve_num_workers
 from inatpipe.training import EpochMetrics, fit, grad_scaler
 
 
@@ -37,29 +39,43 @@ class TrainingData:
     image_size: int
     mean: list[float]
     std: list[float]
-    train: DataLoader
-    val: DataLoader
+    train: NormalizedLoader
+    val: NormalizedLoader
 
 
 def training_data(data: DataParams, batch_size: int, generator: torch.Generator, device: torch.device) -> TrainingData:
-    """Loaders over the train and val index files, normalised with the train-subset statistics."""
+    """Loaders over the prepared train and val images (augmented per epoch, as uint8), normalised per batch on
+    `device` with the train-subset statistics."""
     classes = read_classes(SPLIT_DIR / "classes.json")
     stats = read_stats(STATS_FILE, data.image_size)
+    read_meta(PREPARED_DIR, data.image_size)
     mean, std = stats["mean"], stats["std"]
-    plain = eval_transform(data.image_size, mean, std)
-    augmented = train_transform(
-        data.image_size, mean, std, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale
-    )
-    train_set = IndexDataset(read_index(SPLIT_DIR / "train.csv"), classes, augmented if data.augment else plain)
-    val_set = IndexDataset(read_index(SPLIT_DIR / "val.csv"), classes, plain)
-    loader_args = {"num_workers": data.num_workers, "generator": generator, "device": device}
+    plain = resize(data.image_size)
+    augmented = augment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
+    train_set = PreparedDataset(PREPARED_DIR, "train", augmented if data.augment else plain)
+    val_set = PreparedDataset(PREPARED_DIR, "val", plain)
+    loader_args = {"num_workers": resolve_num_workers(data.num_workers), "generator": generator, "device": device}
+    if distributed.active():  # under torchrun: each rank loads its share of every batch, and of the val subset
+        seed = generator.initial_seed()
+        train = make_loader(
+            train_set,
+            batch_size,
+            batch_sampler=distributed.ShardedBatches(len(train_set), batch_size, seed),
+            **loader_args,
+        )
+        val = make_loader(
+            val_set, batch_size // distributed.world_size(), sampler=distributed.Shard(len(val_set)), **loader_args
+        )
+    else:
+        train = make_loader(train_set, batch_size, shuffle=True, **loader_args)
+        val = make_loader(val_set, batch_size, **loader_args)
     return TrainingData(
         classes=classes,
         image_size=data.image_size,
         mean=mean,
         std=std,
-        train=make_loader(train_set, batch_size, shuffle=True, **loader_args),
-        val=make_loader(val_set, batch_size, **loader_args),
+        train=NormalizedLoader(train, mean, std, device),
+        val=NormalizedLoader(val, mean, std, device),
     )
 
 
@@ -85,7 +101,7 @@ def train_with_recipe(
     scaler = grad_scaler(device, recipe.precision)  # made here, so a resume state can keep its scale
     run = _resume_run(resume, model, optimizer, scheduler, scaler, data, device)
     history = fit(
-        model,
+        distributed.wrap(model, device, recipe.channels_last),
         optimizer,
         data.train,
         data.val,
@@ -126,9 +142,11 @@ def _resume_run(
 ) -> ResumeRun | None:
     if resume is None:
         return None
-    data_files = [SPLIT_DIR / "train.csv", SPLIT_DIR / "val.csv", SPLIT_DIR / "classes.json", STATS_FILE]
-    images = data.train.dataset.paths + data.val.dataset.paths
-    current = fingerprint(resume, device, data_files, images)
+    # The training images are the prepared arrays: their labels and metadata by content, the arrays by size and time.
+    prepared = [PREPARED_DIR / name for name in ("meta.json", "train_labels.npy", "val_labels.npy")]
+    data_files = [SPLIT_DIR / "classes.json", STATS_FILE, *prepared]
+    arrays = [str(PREPARED_DIR / f"{subset}.npy") for subset in ("train", "val")]
+    current = fingerprint(resume, device, data_files, arrays)
     return ResumeRun.begin(resume.path, current, model, optimizer, scheduler, scaler, data.train.generator)
 
 
@@ -150,7 +168,8 @@ def track(
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), save the best-on-val checkpoint, and stop
     early after `patience` epochs without improvement or before an epoch that would end past `max_minutes`
     (0: neither). With `resume`, save a resume state after every epoch, and continue the run it started from.
-    Returns the run's summary metrics."""
+    Returns the run's summary metrics. Under torchrun only rank 0 writes and prints; the others follow its decision
+    to stop."""
     total, trainable = count_parameters(model)
     progress = Progress(epochs=epochs, patience=patience, max_seconds=max_minutes * 60)
     logged: list[EpochMetrics] = []
@@ -161,6 +180,12 @@ def track(
         elapsed_before = resume.start.elapsed_seconds
         history = resume.continued(history)
     start = time.perf_counter() - elapsed_before
+    if not distributed.is_main():
+        for m in history:
+            progress.update(m, time.perf_counter() - start)
+            if distributed.agree(progress.should_stop):
+                break
+        return {}
 
     def save_best(weights: dict[str, torch.Tensor] | None = None) -> None:
         save_checkpoint(
@@ -199,7 +224,7 @@ def track(
                 f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
                 f"{'  *best' if improved else ''}"
             )
-            if progress.should_stop:
+            if distributed.agree(progress.should_stop):
                 why = {
                     "early_stopping": f"no better val accuracy for {patience} epochs",
                     "time_budget": f"another epoch would end past the {max_minutes:g}-minute budget",

@@ -62,7 +62,7 @@ class DataParams:
     hflip: bool
     rotation: float
     crop_scale: float
-    num_workers: int
+    num_workers: int | str  # an integer >= 0, or auto
     max_bad_fraction: float
 
     def __post_init__(self) -> None:
@@ -76,7 +76,12 @@ class DataParams:
         _require(
             0 < self.crop_scale <= 1, "data.crop_scale", "in (0, 1] (smallest crop area fraction)", self.crop_scale
         )
-        _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        _require(
+            self.num_workers == "auto" or isinstance(self.num_workers, int) and self.num_workers >= 0,
+            "data.num_workers",
+            "auto or an integer >= 0",
+            self.num_workers,
+        )
         _require(
             0 <= self.max_bad_fraction < 1,
             "data.max_bad_fraction",
@@ -332,6 +337,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is str:
         _require(isinstance(value, str), key, "a string", value)
+        return value
+    if isinstance(tp, types.UnionType):  # int | str: any of them; __post_init__ says which values
+        types_ = typing.get_args(tp)
+        expected = " or ".join(_type_name(t()) for t in types_)
+        _require(isinstance(value, types_) and not isinstance(value, bool), key, expected, value)
         return value
     if typing.get_origin(tp) is tuple:  # tuple[int, ...]: a YAML list of ints
         _require(isinstance(value, list), key, "a list", value)

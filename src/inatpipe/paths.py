@@ -3,6 +3,7 @@
 from pathlib import Path
 
 SPLIT_DIR = Path("artifacts/split")
+PREPARED_DIR = Path("artifacts/prepared")  # decoded once: <subset>.npy, <subset>_labels.npy, meta.json
 STATS_FILE = Path("artifacts/stats.json")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")

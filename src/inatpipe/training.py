@@ -17,6 +17,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from inatpipe.distributed import all_reduce_sums
+
 
 @dataclass(frozen=True)
 class EpochMetrics:
@@ -104,6 +106,7 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}")
+    loss_sum, correct, seen = all_reduce_sums(loss_sum, correct, seen, device=device)  # over ranks, under torchrun
     return loss_sum / seen, correct / seen, lr
 
 
@@ -126,6 +129,7 @@ def evaluate(
         loss_sum += loss_fn(logits.float(), y).item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+    loss_sum, correct, seen = all_reduce_sums(loss_sum, correct, seen, device=device)
     return loss_sum / seen, correct / seen
 
 

@@ -6,24 +6,25 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from inatpipe.atomic import write_json
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.transforms import to_tensor
+from inatpipe.data.dataset import make_loader
+from inatpipe.data.prepared import PreparedDataset, read_meta
+from inatpipe.data.transforms import resize
 from inatpipe.errors import UserError
 
 
-def channel_stats(
-    dataset: IndexDataset, batch_size: int = 256, num_workers: int = 0
-) -> tuple[list[float], list[float]]:
-    """Mean and population std of each channel over every pixel; float64 sums so large datasets lose no precision."""
+def channel_stats(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[list[float], list[float]]:
+    """Mean and population std of each channel over every pixel, on the [0, 1] scale (uint8 images are scaled);
+    float64 sums so large datasets lose no precision."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     pixels = 0
     loader = make_loader(dataset, batch_size, num_workers=num_workers)
     for x, _ in tqdm(loader, desc="stats", unit="batch", disable=None, leave=False):
-        x = x.to(torch.float64)
+        x = x.to(torch.float64) / (255 if x.dtype == torch.uint8 else 1)
         total += x.sum(dim=(0, 2, 3))
         total_sq += (x * x).sum(dim=(0, 2, 3))
         pixels += x.numel() // 3
@@ -32,8 +33,10 @@ def channel_stats(
     return mean.tolist(), std.tolist()
 
 
-def compute_stats(index, classes: list[str], image_size: int, num_workers: int = 0) -> dict:
-    dataset = IndexDataset(index, classes, to_tensor(image_size))
+def compute_stats(prepared: Path, image_size: int, num_workers: int = 0) -> dict:
+    """Statistics of the prepared train subset, resized to `image_size` as the eval transform resizes it."""
+    read_meta(prepared, image_size)
+    dataset = PreparedDataset(prepared, "train", resize(image_size))
     mean, std = channel_stats(dataset, num_workers=num_workers)
     return {"image_size": image_size, "num_images": len(dataset), "mean": mean, "std": std}
 

@@ -1,0 +1,145 @@
+"""Decode once: every image of a subset as one uint8 array, (n, side, side, 3), in a memory-mapped .npy file.
+
+The `prepare` stage decodes each original once (a JPEG at reduced scale via Pillow's draft mode, then resized), so
+no epoch of any experiment decodes a JPEG again; loaders read a slice of a memory-mapped file instead. The side is a
+little above `data.image_size` (256 for 224, the usual ratio), leaving room for random crops. Like the report's
+`Resize((224, 224))`, the whole picture is squashed to the square: nothing is cropped away, so evaluation sees the
+same content as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from inatpipe.atomic import atomic_open, write_json
+from inatpipe.data.dataset import IndexDataset
+from inatpipe.errors import UserError
+
+SUBSETS = ("train", "val", "test")
+META = "meta.json"
+# Short side over training size: 256/224, the ratio ImageNet recipes resize to before a 224 crop.
+SIDE_RATIO = 256 / 224
+
+
+def prepared_side(image_size: int) -> int:
+    return math.ceil(SIDE_RATIO * image_size)
+
+
+def decode(img: Image.Image, side: int) -> np.ndarray:
+    """An opened RGB image resized to side x side (antialiased bilinear), as an (side, side, 3) uint8 array."""
+    return np.array(img.resize((side, side), Image.Resampling.BILINEAR))
+
+
+class _Decoded(Dataset):
+    """The originals of an index, each decoded at reduced JPEG scale and resized to a square of `side`."""
+
+    def __init__(self, index: pd.DataFrame, classes: list[str], side: int):
+        self.images = IndexDataset(index, classes, draft_size=(side, side))
+        self.side = side
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        img, label = self.images[i]
+        return decode(img, self.side), label
+
+
+def prepare_subset(
+    index: pd.DataFrame, classes: list[str], side: int, folder: Path, name: str, num_workers: int = 0
+) -> int:
+    """Write folder/<name>.npy (uint8, (n, side, side, 3)) and folder/<name>_labels.npy (int64 class indices)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = _Decoded(index, classes, side)
+    target = folder / f"{name}.npy"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    # Written in place through a memory map (a subset may not fit in memory), then renamed: never half a file.
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), side, side, 3))
+    labels = np.empty(len(dataset), dtype=np.int64)
+    try:
+        loader = DataLoader(dataset, batch_size=64, num_workers=num_workers)
+        start = 0
+        for x, y in tqdm(loader, desc=f"prepare {name}", unit="batch", disable=None, leave=False):
+            images[start : start + len(y)] = x.numpy()
+            labels[start : start + len(y)] = y.numpy()
+            start += len(y)
+        images.flush()
+        del images
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with atomic_open(folder / f"{name}_labels.npy", "wb") as f:
+        np.save(f, labels)
+    return len(dataset)
+
+
+def prepare(
+    indexes: dict[str, pd.DataFrame], classes: list[str], image_size: int, folder: Path, num_workers: int = 0
+) -> dict:
+    """Prepare every subset of `indexes` and write folder/meta.json; returns the metadata."""
+    side = prepared_side(image_size)
+    counts = {name: prepare_subset(index, classes, side, folder, name, num_workers) for name, index in indexes.items()}
+    meta = {"image_size": image_size, "side": side, "classes": classes, "counts": counts}
+    write_json(folder / META, meta)
+    return meta
+
+
+def read_meta(folder: Path, image_size: int | None = None) -> dict:
+    path = folder / META
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `dvc repro prepare` first")
+    meta = json.loads(path.read_text())
+    if image_size is not None and meta["image_size"] != image_size:
+        raise UserError(
+            f"{folder} was prepared for image size {meta['image_size']}, not data.image_size={image_size}; "
+            "run `dvc repro` so it is prepared again"
+        )
+    return meta
+
+
+class PreparedDataset(Dataset):
+    """One prepared subset: items are (transform(RGB image), class index); without a transform, the image.
+
+    The array is memory-mapped on first use in each process, so DataLoader workers share the page cache and a
+    pickled dataset (sent to a worker) carries a path, not the pixels.
+    """
+
+    def __init__(self, folder: Path, subset: str, transform=None):
+        self.path = Path(folder) / f"{subset}.npy"
+        labels = Path(folder) / f"{subset}_labels.npy"
+        if not self.path.is_file() or not labels.is_file():
+            raise UserError(f"{self.path} not found; run `dvc repro prepare` first")
+        self.targets = np.load(labels).tolist()
+        self.transform = transform
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="r")
+            if len(self._images) != len(self.targets):
+                raise UserError(f"{self.path} does not match its labels; run `dvc repro prepare` again")
+        return self._images
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
+        img = Image.fromarray(np.array(self.images[i]))  # a copy: the map is read-only
+        return (self.transform(img) if self.transform else img), self.targets[i]

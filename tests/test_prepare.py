@@ -1,0 +1,140 @@
+"""Decode once: the prepared arrays equal decoding the originals, loaders read them, `dvc exp run` on a training
+param reuses them, and the worker count resolves from the cores."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from inatpipe.data.dataset import NormalizedLoader, make_loader
+from inatpipe.data.images import open_rgb
+from inatpipe.data.index import scan_folder
+from inatpipe.data.prepared import PreparedDataset, decode, prepare, prepared_side, read_meta
+from inatpipe.data.transforms import eval_transform, resize
+from inatpipe.errors import ConfigError, UserError
+from inatpipe.params import parse_params
+from inatpipe.runtime import resolve_num_workers, usable_cores
+
+from .conftest import ROOT, write_dataset
+from .test_params import with_value
+
+CLASSES = ["cat", "dog"]
+
+
+def write_photos(folder: Path) -> Path:
+    """Big smooth JPEGs (as photos are; draft mode decodes them at reduced scale), one portrait, plus a palette PNG."""
+    yy, xx = np.mgrid[0:1:120j, 0:1:160j]
+    for k, name in enumerate(CLASSES):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            img = np.stack([xx * 255, yy * 255, np.full_like(xx, 60 + 60 * k + 20 * i)], axis=-1).astype(np.uint8)
+            if i == 1:
+                img = img.transpose(1, 0, 2)  # portrait
+            Image.fromarray(img).save(folder / name / f"{i}.jpg", quality=95)
+    Image.new("P", (40, 30), 3).save(folder / "dog" / "3.png")
+    return folder
+
+
+def test_prepared_images_equal_decoding_the_originals(tmp_path):
+    index = scan_folder(write_photos(tmp_path / "photos"))
+    meta = prepare({"train": index}, CLASSES, image_size=16, folder=tmp_path / "prepared")
+    side = prepared_side(16)
+    assert side == 19 and meta == {"image_size": 16, "side": side, "classes": CLASSES, "counts": {"train": 7}}
+
+    images = np.load(tmp_path / "prepared" / "train.npy")
+    assert images.shape == (7, side, side, 3) and images.dtype == np.uint8
+    assert np.load(tmp_path / "prepared" / "train_labels.npy").tolist() == [0, 0, 0, 1, 1, 1, 1]
+    for prepared, path in zip(images, index["path"], strict=True):
+        full = decode(open_rgb(path), side).astype(int)  # decoded at full scale, then resized
+        diff = np.abs(prepared.astype(int) - full)
+        assert diff.mean() < 2.0 and diff.max() <= 24, path  # draft decoding and resizing differ a little
+    assert read_meta(tmp_path / "prepared", 16)["side"] == side
+    with pytest.raises(UserError, match="prepared for image size 16, not data.image_size=32"):
+        read_meta(tmp_path / "prepared", 32)
+
+
+def test_loader_over_prepared_images_normalises_like_the_per_image_transform(tmp_path):
+    index = scan_folder(write_photos(tmp_path / "photos"))
+    prepare({"train": index}, CLASSES, image_size=16, folder=tmp_path / "prepared")
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    dataset = PreparedDataset(tmp_path / "prepared", "train", resize(16))
+    x, y = dataset[4]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
+    assert len(pickle.dumps(dataset)) < 2000  # a worker gets the path, not the pixels
+
+    loader = NormalizedLoader(make_loader(dataset, 4, num_workers=1), mean, std, torch.device("cpu"))
+    batches = list(loader)
+    assert len(loader) == 2 and loader.batch_size == 4
+    per_image = eval_transform(16, mean, std)
+    images = np.load(tmp_path / "prepared" / "train.npy")
+    expected = torch.stack([per_image(Image.fromarray(img)) for img in images])
+    got = torch.cat([x for x, _ in batches])
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
+    assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_missing_prepared_folder_says_how_to_make_it(tmp_path):
+    with pytest.raises(UserError, match="run `dvc repro prepare` first"):
+        PreparedDataset(tmp_path, "train")
+
+
+def test_num_workers_auto_resolves_from_the_usable_cores_and_a_number_overrides():
+    cores = usable_cores()
+    workers = resolve_num_workers("auto")
+    assert isinstance(workers, int) and 0 <= workers <= 4 and workers == max(0, min(4, cores - 1))
+    assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert parse_params(with_value(raw, "data.num_workers", "auto")).data.num_workers == "auto"
+    assert parse_params(with_value(raw, "data.num_workers", 2)).data.num_workers == 2
+    for bad in ("many", -1, 1.5, True):
+        with pytest.raises(ConfigError, match="data.num_workers must be"):
+            parse_params(with_value(raw, "data.num_workers", bad))
+
+
+@pytest.mark.slow
+def test_exp_run_on_a_training_param_reuses_the_prepared_images(tmp_path):
+    from .test_pipeline import Project
+
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_dataset(root / "data", train_per_class=6, test_per_class=2, size=16)
+    p = Project(root)
+    p.set_params(
+        {
+            "data": {"image_size": 16},
+            "model": {"num_filters": [4], "dense_neurons": 8},
+            "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0.0},
+        }
+    )
+    p.git("init", "-q")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "test")
+    p.dvc("init", "-q")
+    p.dvc("add", "-q", "data")
+    p.git("add", "-A")
+    p.git("commit", "-qm", "project")
+    out = p.dvc("repro", "train_flexible").stdout
+    assert "Running stage 'prepare'" in out and "Running stage 'train_flexible'" in out
+    rows = {n: len((root / f"artifacts/split/{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
+    assert read_meta(root / "artifacts" / "prepared")["counts"] == rows and sum(rows.values()) == 24
+    p.git("add", "-A")
+    p.git("commit", "-qm", "baseline")
+
+    out = p.dvc("exp", "run", "train_flexible", "-S", "train.learning_rate=0.01").stdout
+    assert "Running stage 'train_flexible'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'stats'" not in out
+    out = p.dvc("exp", "run", "train_flexible", "-S", "data.image_size=24").stdout
+    assert "Running stage 'prepare'" in out
+    assert read_meta(root / "artifacts" / "prepared", 24)["side"] == prepared_side(24)
