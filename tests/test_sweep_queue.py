@@ -73,7 +73,9 @@ def wait_for_queue(p: Project, names: set[str], timeout: float = 300) -> None:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Project:
     """Two grid, two random and one failing experiment run with -j 2; then one more queued but never started."""
-    p = make_project(tmp_path_factory.mktemp("sweep"), {**SMALL_PARAMS, "train": {"epochs": 1, "batch_size": 8}})
+    p = make_project(
+        tmp_path_factory.mktemp("sweep"), {**SMALL_PARAMS, "train": {**SMALL_PARAMS["train"], "epochs": 1}}
+    )
     (p.root / "sweep.yaml").write_text(yaml.safe_dump(SPACE, sort_keys=False))
     p.dvc("repro", *TARGETS)
     p.git("add", "-A")

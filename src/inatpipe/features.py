@@ -24,6 +24,7 @@ from inatpipe.data.stats import read_stats
 from inatpipe.data.transforms import eval_transform
 from inatpipe.params import DataParams
 from inatpipe.paths import FEATURES_SKIPPED, SPLIT_DIR, STATS_FILE
+from inatpipe.runtime import resolve_num_workers
 
 # The feature pass runs in eval mode, where the batch size changes nothing but speed; a param for it would make
 # DVC recompute identical features whenever it changed.
@@ -96,7 +97,7 @@ def subset_loaders(data: DataParams) -> tuple[list[str], dict, dict[str, DataLoa
         subset: make_loader(
             IndexDataset(read_index(SPLIT_DIR / f"{subset}.csv"), classes, transform),
             BATCH_SIZE,
-            num_workers=data.num_workers,
+            num_workers=resolve_num_workers(data.num_workers),
         )
         for subset in SUBSETS
     }
