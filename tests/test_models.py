@@ -54,6 +54,16 @@ def test_any_depth_from_the_filter_list(depth):
     assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == list(filters)
 
 
+def test_convs_per_block_stack_before_each_pool():
+    model = FlexibleCNN(num_classes=3, image_size=16, num_filters=(4, 8), dense_neurons=8, convs_per_block=2)
+    forward_ok(model, 16, 3)
+    kinds = [type(m).__name__ for m in model.features]
+    block = ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["MaxPool2d"]
+    assert kinds == block * 2
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [4, 4, 8, 8]
+    assert [m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [3, 4, 4, 8]
+
+
 def test_flattened_size_follows_the_input_shape():
     # 24 -> pool(3, stride 2) -> 11 -> 5: the dense layer sees 8 channels * 5 * 5.
     model = FlexibleCNN(num_classes=2, image_size=24, num_filters=(4, 8), pooling_kernel_size=3, pooling_stride=2)

@@ -61,6 +61,7 @@ def test_shipped_params_load_with_the_documented_keys():
         ("model.num_filters", [32, "64"], "model.num_filters[1] must be an integer"),
         ("model.num_filters", 32, "model.num_filters must be a list"),
         ("model.batch_norm", "yes", "model.batch_norm must be true or false"),
+        ("model.convs_per_block", 0, "model.convs_per_block must be an integer >= 1"),
         ("train.learning_rate", "fast", "train.learning_rate must be a number"),
         ("train.learning_rate", 0.0, "train.learning_rate must be a positive number"),
         ("train.epochs", 0, "train.epochs must be an integer >= 1"),

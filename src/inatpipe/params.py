@@ -110,6 +110,7 @@ class ModelParams:
     pooling_kernel_size: int
     pooling_stride: int
     dense_neurons: int
+    convs_per_block: int
 
     def __post_init__(self) -> None:
         _require(
@@ -142,6 +143,7 @@ class ModelParams:
         )
         _require(self.pooling_stride >= 1, "model.pooling_stride", "an integer >= 1", self.pooling_stride)
         _require(self.dense_neurons >= 1, "model.dense_neurons", "an integer >= 1", self.dense_neurons)
+        _require(self.convs_per_block >= 1, "model.convs_per_block", "an integer >= 1", self.convs_per_block)
 
     @property
     def filters(self) -> tuple[int, ...]:

@@ -9,7 +9,9 @@ from torch import nn
 
 
 class FlexibleCNN(nn.Module):
-    """Per `num_filters` entry: conv -> [batch norm] -> activation -> pool; then dense -> act -> dropout -> logits.
+    """Per `num_filters` entry a block: `convs_per_block` times conv -> [batch norm] -> activation, then pool; then
+    dense -> act -> dropout -> logits. The report's network has one conv per block; two (as VGG stacks them) see as
+    far as one conv of a larger kernel, with a nonlinearity between and fewer weights.
 
     The output is logits: cross-entropy applies the softmax, so a softmax layer here would be applied twice.
     """
@@ -27,6 +29,7 @@ class FlexibleCNN(nn.Module):
         pooling_kernel_size: int = 2,
         pooling_stride: int = 2,
         dense_neurons: int = 512,
+        convs_per_block: int = 1,
         in_channels: int = 3,
     ):
         super().__init__()
@@ -35,14 +38,15 @@ class FlexibleCNN(nn.Module):
         blocks = []
         channels = in_channels
         for width in num_filters:
-            blocks += [
-                # padding k//2 keeps the spatial size for any odd kernel; BN's shift makes a conv bias redundant.
-                nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm),
-                nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
-                act(),
-                pool(pooling_kernel_size, pooling_stride),
-            ]
-            channels = width
+            for _ in range(convs_per_block):
+                blocks += [
+                    # padding k//2 keeps the spatial size for any odd kernel; BN's shift makes a conv bias redundant.
+                    nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm),
+                    nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
+                    act(),
+                ]
+                channels = width
+            blocks.append(pool(pooling_kernel_size, pooling_stride))
         self.features = nn.Sequential(*blocks)
         with torch.no_grad():
             flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).numel()
