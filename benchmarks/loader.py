@@ -23,7 +23,7 @@ from torchvision import datasets, transforms
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, prepare
-from inatpipe.data.transforms import augment, resize
+from inatpipe.data.transforms import BatchAugment, BatchResize
 from inatpipe.runtime import usable_cores
 
 SIZE = 224
@@ -68,8 +68,8 @@ def main() -> None:
         prepare_seconds = time.perf_counter() - start
         rates = {}
         for name, tf in (
-            ("prepared, eval (resize)", resize(SIZE)),
-            ("prepared, train (crop, flip, rotate)", augment(SIZE, hflip=True, rotation=10.0, crop_scale=0.8)),
+            ("prepared, eval (resize)", BatchResize(SIZE)),
+            ("prepared, train (crop, flip, rotate)", BatchAugment(SIZE, hflip=True, rotation=10.0, crop_scale=0.8)),
         ):
             dataset = PreparedDataset(Path(tmp) / "prepared", "train", tf)
             loader = make_loader(dataset, BATCH, shuffle=True, num_workers=args.workers)

@@ -22,7 +22,7 @@ from torch import nn
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, prepare
-from inatpipe.data.transforms import augment
+from inatpipe.data.transforms import BatchAugment
 from inatpipe.models import build_model
 from inatpipe.runtime import choose_device, resolve_num_workers, seed_everything, usable_cores
 from inatpipe.training import train_one_epoch
@@ -94,9 +94,8 @@ def main() -> None:
         index = scan_folder(write_jpegs(Path(tmp) / "jpegs", args.images))
         classes = sorted(index["label"].unique())
         prepare({"train": index}, classes, SIZE, Path(tmp) / "prepared", workers)
-        dataset = PreparedDataset(
-            Path(tmp) / "prepared", "train", augment(SIZE, hflip=True, rotation=10.0, crop_scale=0.8)
-        )
+        augment = BatchAugment(SIZE, hflip=True, rotation=10.0, crop_scale=0.8)
+        dataset = PreparedDataset(Path(tmp) / "prepared", "train", augment)
         loader = make_loader(
             dataset,
             args.batch_size,

@@ -5,7 +5,7 @@ Only when they can serve (strategy head, data.augment off); otherwise it writes 
 
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
-from inatpipe.features import describe, extract, forward_reason, subset_loaders, write_skipped
+from inatpipe.features import describe, extract, forward_reason, subsets, write_skipped
 from inatpipe.models.resnet import TransferResNet, load_pretrained
 from inatpipe.params import load_params
 from inatpipe.runtime import choose_device, seed_everything
@@ -20,11 +20,12 @@ def main() -> None:
         return
     device = choose_device(p.device)
     seed_everything(p.seed)
-    classes, stats, loaders = subset_loaders(p.data)
-    model = TransferResNet(len(classes), p.resnet.arch)  # seeded as in train_resnet: the same random init if any
+    data = subsets(p.data, device)
+    model = TransferResNet(len(data.classes), p.resnet.arch)  # seeded as in train_resnet: the same random init if any
     pretrained = load_pretrained(model, p.resnet.weights, p.resnet.arch, p.resnet.require_pretrained)
-    meta = describe(p.resnet.arch, model.backbone, p.data.image_size, stats["mean"], stats["std"])
-    features = extract(model.backbone, loaders, device, {**meta, "weights": p.resnet.weights, "pretrained": pretrained})
+    meta = describe(p.resnet.arch, model.backbone, p.data.image_size, data.stats["mean"], data.stats["std"])
+    meta = {**meta, "weights": p.resnet.weights, "pretrained": pretrained}
+    features = extract(model.backbone, data.loaders, device, meta, data.paths)
     features.save(paths.FEATURES_FILE)
     shapes = ", ".join(f"{subset} {tuple(f.shape)}" for subset, f in features.features.items())
     print(f"{p.resnet.arch} features: {shapes} -> {paths.FEATURES_FILE}")

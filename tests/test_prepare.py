@@ -17,7 +17,7 @@ from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.images import open_rgb
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, decode, prepare, prepared_side, read_meta
-from inatpipe.data.transforms import eval_transform, resize
+from inatpipe.data.transforms import BatchAugment, BatchResize, eval_transform
 from inatpipe.errors import ConfigError, UserError
 from inatpipe.params import parse_params
 from inatpipe.runtime import resolve_num_workers, usable_cores
@@ -64,7 +64,7 @@ def test_loader_over_prepared_images_normalises_like_the_per_image_transform(tmp
     index = scan_folder(write_photos(tmp_path / "photos"))
     prepare({"train": index}, CLASSES, image_size=16, folder=tmp_path / "prepared")
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    dataset = PreparedDataset(tmp_path / "prepared", "train", resize(16))
+    dataset = PreparedDataset(tmp_path / "prepared", "train", BatchResize(16))
     x, y = dataset[4]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
     assert len(pickle.dumps(dataset)) < 2000  # a worker gets the path, not the pixels
@@ -78,6 +78,48 @@ def test_loader_over_prepared_images_normalises_like_the_per_image_transform(tmp
     got = torch.cat([x for x, _ in batches])
     assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
     assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+def halves(n: int, side: int = 40) -> torch.Tensor:
+    """n copies of an image, dark on the left half and bright on the right: (n, 3, side, side) uint8."""
+    x = torch.full((n, 3, side, side), 40, dtype=torch.uint8)
+    x[..., side // 2 :] = 220
+    return x
+
+
+def test_batch_augment_crops_flips_and_turns_each_image_on_its_own():
+    x = halves(400)
+    torch.manual_seed(0)
+    plain = BatchAugment(32, hflip=False, rotation=0.0, crop_scale=0.5)(x)
+    assert plain.shape == (400, 3, 32, 32) and plain.dtype == torch.uint8
+    left, right = plain[..., :8].float().mean(dim=(1, 2, 3)), plain[..., -8:].float().mean(dim=(1, 2, 3))
+    assert (left < 60).all() and (right > 200).all()  # no flip: every crop keeps dark left, bright right
+    edge = (plain[:, 0, 16].float().diff(dim=1).abs() > 50).float().argmax(dim=1)
+    assert edge.unique().numel() > 5  # crops of different sizes and places put the edge in different columns
+
+    torch.manual_seed(0)
+    flipped = BatchAugment(32, hflip=True, rotation=0.0, crop_scale=0.5)(x)
+    mirrored = (flipped[..., :8].float().mean(dim=(1, 2, 3)) > 200).float().mean()
+    assert 0.4 < mirrored < 0.6  # about half are mirrored, each image drawn on its own
+
+    turned = BatchAugment(32, hflip=False, rotation=30.0, crop_scale=1.0)(x)
+    corners = turned[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 0).any(dim=(1, 2)).float().mean() > 0.5  # turned in from outside the image: black corners
+
+    torch.manual_seed(1)
+    again = BatchAugment(32, hflip=True, rotation=10.0, crop_scale=0.5)(x)
+    torch.manual_seed(1)
+    assert torch.equal(again, BatchAugment(32, hflip=True, rotation=10.0, crop_scale=0.5)(x))  # seeded: repeatable
+
+
+def test_batch_resize_matches_pil_resizing_of_each_image():
+    images = np.random.default_rng(0).integers(0, 256, (5, 37, 37, 3), dtype=np.uint8)
+    got = BatchResize(32)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    expected = np.stack(
+        [np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BILINEAR)) for img in images]
+    )
+    diff = np.abs(got.permute(0, 2, 3, 1).numpy().astype(int) - expected)
+    assert got.dtype == torch.uint8 and diff.max() <= 1  # PIL and torch round differently, by one level at most
 
 
 def test_missing_prepared_folder_says_how_to_make_it(tmp_path):

@@ -170,9 +170,9 @@ PARAMS = {
     # One loader worker: each epoch then starts fresh worker processes, whose seeds must come out the same too.
     "data": {"image_size": 16, "num_workers": 1},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
-    # A rate this high makes validation jumpy: the best epoch (2) comes before the kill, so the resumed run must
+    # A rate this high makes validation jumpy: the best epoch comes before the kill, so the resumed run must
     # rewrite the best checkpoint from the weights the resume state kept, not from the current ones.
-    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 5.0e-2},
+    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 1.0e-1},
 }
 
 

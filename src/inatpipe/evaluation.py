@@ -17,7 +17,7 @@ from tqdm import tqdm
 from inatpipe.checkpoint import load_checkpoint
 from inatpipe.data.dataset import IndexDataset, NormalizedLoader, make_loader
 from inatpipe.data.prepared import PreparedDataset, read_meta
-from inatpipe.data.transforms import eval_transform, resize
+from inatpipe.data.transforms import BatchResize, eval_transform
 from inatpipe.errors import UserError
 from inatpipe.training import autocast
 
@@ -164,7 +164,7 @@ def evaluate_checkpoint(
     else:
         if read_meta(test)["classes"] != classes:
             raise UserError(f"{checkpoint} was trained on other classes than {test} holds; rerun `dvc repro`")
-        dataset = PreparedDataset(test, "test", resize(size))
+        dataset = PreparedDataset(test, "test", BatchResize(size))
         loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
         loader = NormalizedLoader(loader, norm["mean"], norm["std"], device)
     pred = predict(model, loader, device, precision)

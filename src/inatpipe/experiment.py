@@ -23,7 +23,7 @@ from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import read_classes
 from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
-from inatpipe.data.transforms import augment, resize
+from inatpipe.data.transforms import BatchAugment, BatchResize
 from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
 from inatpipe.paths import PREPARED_DIR, SPLIT_DIR, STATS_FILE
@@ -50,8 +50,8 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     stats = read_stats(STATS_FILE, data.image_size)
     read_meta(PREPARED_DIR, data.image_size)
     mean, std = stats["mean"], stats["std"]
-    plain = resize(data.image_size)
-    augmented = augment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
+    plain = BatchResize(data.image_size)
+    augmented = BatchAugment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
     train_set = PreparedDataset(PREPARED_DIR, "train", augmented if data.augment else plain)
     val_set = PreparedDataset(PREPARED_DIR, "val", plain)
     loader_args = {"num_workers": resolve_num_workers(data.num_workers), "generator": generator, "device": device}

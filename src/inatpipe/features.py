@@ -10,20 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import read_classes, read_index
+from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
-from inatpipe.data.transforms import eval_transform
+from inatpipe.data.transforms import BatchResize
 from inatpipe.params import DataParams
-from inatpipe.paths import FEATURES_SKIPPED, SPLIT_DIR, STATS_FILE
+from inatpipe.paths import FEATURES_SKIPPED, PREPARED_DIR, SPLIT_DIR, STATS_FILE
 from inatpipe.runtime import resolve_num_workers
 
 # The feature pass runs in eval mode, where the batch size changes nothing but speed; a param for it would make
@@ -88,24 +89,42 @@ class BackboneFeatures:
         return None
 
 
-def subset_loaders(data: DataParams) -> tuple[list[str], dict, dict[str, DataLoader]]:
-    """Classes, train-subset stats and unshuffled, unaugmented loaders of the train and val subsets."""
+@dataclass
+class Subsets:
+    """Unshuffled, unaugmented loaders of the train and val subsets over the prepared images (normalised as the
+    images train_resnet sees), the image files they hold in order, and the classes and stats behind them."""
+
+    classes: list[str]
+    stats: dict
+    loaders: dict[str, NormalizedLoader]
+    paths: dict[str, list[str]]
+
+
+def subsets(data: DataParams, device: torch.device) -> Subsets:
     classes = read_classes(SPLIT_DIR / "classes.json")
     stats = read_stats(STATS_FILE, data.image_size)
-    transform = eval_transform(data.image_size, stats["mean"], stats["std"])
+    read_meta(PREPARED_DIR, data.image_size)
     loaders = {
-        subset: make_loader(
-            IndexDataset(read_index(SPLIT_DIR / f"{subset}.csv"), classes, transform),
-            BATCH_SIZE,
-            num_workers=resolve_num_workers(data.num_workers),
+        subset: NormalizedLoader(
+            make_loader(
+                PreparedDataset(PREPARED_DIR, subset, BatchResize(data.image_size)),
+                BATCH_SIZE,
+                num_workers=resolve_num_workers(data.num_workers),
+                device=device,
+            ),
+            stats["mean"],
+            stats["std"],
+            device,
         )
         for subset in SUBSETS
     }
-    return classes, stats, loaders
+    # The prepared arrays hold the split's rows in index order: the paths name what each feature row comes from.
+    paths = {subset: read_index(SPLIT_DIR / f"{subset}.csv")["path"].tolist() for subset in SUBSETS}
+    return Subsets(classes, stats, loaders, paths)
 
 
 @torch.no_grad()
-def compute_features(backbone: nn.Module, loader: DataLoader, device: torch.device, desc: str) -> tuple:
+def compute_features(backbone: nn.Module, loader: Iterable, device: torch.device, desc: str) -> tuple:
     """(features, targets) of every sample of `loader`, in its order, through `backbone` in eval mode."""
     was_training = backbone.training
     backbone.eval().to(device)
@@ -117,13 +136,18 @@ def compute_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(features), torch.cat(targets)
 
 
-def extract(backbone: nn.Module, loaders: dict[str, DataLoader], device: torch.device, meta: dict) -> BackboneFeatures:
-    """One pass of `backbone` over each subset."""
-    features, targets, paths = {}, {}, {}
+def extract(
+    backbone: nn.Module,
+    loaders: dict[str, Iterable],
+    device: torch.device,
+    meta: dict,
+    paths: dict[str, list[str]] | None = None,
+) -> BackboneFeatures:
+    """One pass of `backbone` over each subset's loader; `paths` name the images behind the rows."""
+    features, targets = {}, {}
     for subset, loader in loaders.items():
         features[subset], targets[subset] = compute_features(backbone, loader, device, f"features {subset}")
-        paths[subset] = list(loader.dataset.paths)
-    return BackboneFeatures(features, targets, paths, meta)
+    return BackboneFeatures(features, targets, paths or {}, meta)
 
 
 def write_skipped(reason: str, path: Path = FEATURES_SKIPPED) -> None:
@@ -148,11 +172,10 @@ def load_or_extract(
 ) -> tuple[BackboneFeatures, str]:
     """The stored features when they match `meta` and the current subsets, else one fresh pass of `backbone`
     (still far cheaper than a pass every epoch); returns them and a line saying which."""
-    _, _, loaders = subset_loaders(data)
+    current = subsets(data, device)
     stored = BackboneFeatures.load(path)
-    listed = {subset: list(loader.dataset.paths) for subset, loader in loaders.items()}
-    why = "not found" if stored is None else stored.mismatch(meta, listed)
+    why = "not found" if stored is None else stored.mismatch(meta, current.paths)
     if why is None:
         return stored, f"cached backbone features from {path} (backbone frozen, no augmentation): no backbone pass"
     note = f"cached backbone features: {path} can't serve ({why}); computing them once here"
-    return extract(backbone, loaders, device, meta), note
+    return extract(backbone, current.loaders, device, meta, current.paths), note

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +112,16 @@ def read_meta(folder: Path, image_size: int | None = None) -> dict:
 
 
 class PreparedDataset(Dataset):
-    """One prepared subset: items are (transform(RGB image), class index); without a transform, the image.
+    """One prepared subset: items are (image, class index), the image a uint8 tensor (3, h, w) as `transform` leaves
+    it (a batch transform of transforms.py; without one, the prepared square).
 
-    The array is memory-mapped on first use in each process, so DataLoader workers share the page cache and a
-    pickled dataset (sent to a worker) carries a path, not the pixels.
+    Loaders fetch whole batches (`__getitems__`): one read of the rows from the memory-mapped array and one call of
+    the batch transform, rather than a decode, a transform and a tensor per image. The array is mapped on first use
+    in each process, so DataLoader workers share the page cache and a pickled dataset (sent to a worker) carries a
+    path, not the pixels.
     """
 
-    def __init__(self, folder: Path, subset: str, transform=None):
+    def __init__(self, folder: Path, subset: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.path = Path(folder) / f"{subset}.npy"
         labels = Path(folder) / f"{subset}_labels.npy"
         if not self.path.is_file() or not labels.is_file():
@@ -140,6 +144,12 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
-        img = Image.fromarray(np.array(self.images[i]))  # a copy: the map is read-only
-        return (self.transform(img) if self.transform else img), self.targets[i]
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # (n, side, side, 3) rows, copied out of the read-only map, viewed as (n, 3, side, side) without moving them
+        x = torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)
+        if self.transform is not None:
+            x = self.transform(x)
+        return list(zip(x.unbind(0), (self.targets[i] for i in indices), strict=True))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([i])[0]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from inatpipe.atomic import write_json
 from inatpipe.data.dataset import make_loader
 from inatpipe.data.prepared import PreparedDataset, read_meta
-from inatpipe.data.transforms import resize
+from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
 
 
@@ -36,7 +36,7 @@ def channel_stats(dataset: Dataset, batch_size: int = 256, num_workers: int = 0)
 def compute_stats(prepared: Path, image_size: int, num_workers: int = 0) -> dict:
     """Statistics of the prepared train subset, resized to `image_size` as the eval transform resizes it."""
     read_meta(prepared, image_size)
-    dataset = PreparedDataset(prepared, "train", resize(image_size))
+    dataset = PreparedDataset(prepared, "train", BatchResize(image_size))
     mean, std = channel_stats(dataset, num_workers=num_workers)
     return {"image_size": image_size, "num_images": len(dataset), "mean": mean, "std": std}
 
