@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from inatpipe.scaffold import copy_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_FILES = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
@@ -134,15 +136,7 @@ def main() -> None:
         if not (folder / "val").is_dir():
             build_folder(args.source, folder)
         shutil.rmtree(project, ignore_errors=True)
-        project.mkdir(parents=True)
-        for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-            shutil.copy(ROOT / name, project / name)
-        for name in ("stages", "src"):
-            shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        run("git", "init", "-q")
-        run("git", "config", "user.email", "bench@example.com")
-        run("git", "config", "user.name", "bench")
-        run(sys.executable, "-m", "dvc", "init", "-q")
+        copy_pipeline(ROOT, project, user="bench")
         run(sys.executable, "-m", "inatpipe.cli", "data", "fetch", str(folder))
         run("git", "add", "-A")
         run("git", "commit", "-qm", "Fashion-MNIST as an iNaturalist-layout folder")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from inatpipe.scaffold import copy_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
@@ -37,11 +38,7 @@ TARGET_ACCURACY = 0.97
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "project"
-        work.mkdir()
-        for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-            shutil.copy(ROOT / name, work / name)
-        for name in ("stages", "src"):
-            shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        copy_pipeline(ROOT, work, user="bench")
         env = {
             **os.environ,
             "PYTHONPATH": str(work / "src"),
@@ -51,20 +48,7 @@ def main() -> None:
         def run(*cmd: str) -> None:
             subprocess.run(cmd, cwd=work, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        run("git", "init", "-q")
-        run(
-            "git",
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@example.com",
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            "x",
-        )
-        run(sys.executable, "-m", "dvc", "init", "-q")
+        run("git", "commit", "-q", "--allow-empty", "-m", "x")
         run(sys.executable, "-m", "inatpipe.cli", "data", "setup")
 
         seconds = {}

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from inatpipe.scaffold import copy_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ("-S", "model.kernel_size=5,7", "-S", "model.activation=ReLU,GELU")
 
@@ -77,16 +79,8 @@ def main() -> None:
     opts = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "project"
-        work.mkdir()
-        for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-            shutil.copy(ROOT / name, work / name)
-        for name in ("stages", "src"):
-            shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        copy_pipeline(ROOT, work, user="bench")
         p = Copy(work)
-        p.run("git", "init", "-q")
-        p.run("git", "config", "user.name", "bench")
-        p.run("git", "config", "user.email", "bench@example.com")
-        p.dvc("init", "-q")
         p.run(sys.executable, "-m", "inatpipe.cli", "data", "setup")
         text = (work / "params.yaml").read_text()
         (work / "params.yaml").write_text(text.replace("  epochs: 10 ", f"  epochs: {opts.epochs} ", 1))

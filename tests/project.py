@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from inatpipe.scaffold import copy_pipeline
 
 from .conftest import ROOT, write_dataset
 
@@ -61,20 +62,10 @@ class Project:
 
 def new_project(root: Path, overrides: dict, **dataset) -> Project:
     """A fresh git + DVC repo at `root` holding a copy of the project and a tiny dataset, params overridden."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "params.yaml", "sweep.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    copy_pipeline(ROOT, root, user="test")
     write_dataset(root / "data", **dataset)
     p = Project(root)
     p.set_params(overrides)
-    p.git("init", "-q")
-    p.git("config", "user.email", "test@example.com")
-    p.git("config", "user.name", "test")
-    p.dvc("init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the committed settings: the offline plots page
-    shutil.copytree(ROOT / "vendor", root / "vendor")
     p.dvc("add", "-q", "data")
     p.git("add", "-A")
     p.git("commit", "-qm", "project with tiny data")

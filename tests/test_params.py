@@ -80,6 +80,8 @@ def test_shipped_params_load_with_the_documented_keys():
         ("train.max_minutes", -5, "train.max_minutes must be a number >= 0 (0: no time limit)"),
         ("train.precision", "fp8", "train.precision must be one of fp32, bf16, fp16, got 'fp8'"),
         ("resnet.channels_last", "yes", "resnet.channels_last must be true or false"),
+        ("train.compile", "yes", "train.compile must be true or false, got 'yes'"),
+        ("resnet.compile", 1, "resnet.compile must be true or false, got 1"),
         ("evaluate.precision", "half", "evaluate.precision must be one of fp32, bf16, fp16"),
         ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
         ("resnet.arch", "resnet51", "resnet.arch must be one of resnet18, resnet34, resnet50"),

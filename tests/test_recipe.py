@@ -16,7 +16,7 @@ from inatpipe.checkpoint import load_checkpoint
 from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.transforms import eval_transform
-from inatpipe.experiment import TrainingData, track
+from inatpipe.experiment import TrainingData, track, train_with_recipe
 from inatpipe.models import build_model
 from inatpipe.params import TrainParams
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, parameter_groups, training_loss
@@ -37,6 +37,7 @@ RECIPE = TrainParams(
     max_minutes=0.0,
     precision="fp32",
     channels_last=False,
+    compile=False,
 )
 
 
@@ -209,12 +210,13 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun_it(max_seconds, st
     assert progress.best_epoch == min(stop_epoch, 3) if stop_epoch < 5 else progress.best_epoch == 6
 
 
-def tiny_loaders(dataset: Path) -> TrainingData:
+def tiny_loaders(dataset: Path, batch_size: int = 8) -> TrainingData:
     index = scan_folder(dataset / "train")
     classes = sorted(index["label"].unique())
     tf = eval_transform(16, [0.5] * 3, [0.25] * 3)
-    train = make_loader(IndexDataset(index, classes, tf), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    val = make_loader(IndexDataset(scan_folder(dataset / "val"), classes, tf), 8)
+    generator = torch.Generator().manual_seed(0)
+    train = make_loader(IndexDataset(index, classes, tf), batch_size, shuffle=True, generator=generator)
+    val = make_loader(IndexDataset(scan_folder(dataset / "val"), classes, tf), batch_size)
     return TrainingData(classes, 16, [0.5] * 3, [0.25] * 3, train, val)
 
 
@@ -249,3 +251,29 @@ def test_track_stops_early_and_keeps_the_best_epochs_weights(tmp_path: Path):
     logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()
     assert logged[0] == "step\tlr" and len(logged) == 1 + 5  # one rate per epoch run, none after the stop
     assert math.isclose(float(logged[1].split("\t")[1]), 1e-3)
+
+
+def test_a_compiled_run_learns_and_checkpoints_the_plain_model(tmp_path: Path, dataset: Path):
+    """recipe.compile trains through torch.compile; the optimizer moves the model's own weights, and the checkpoint
+    holds the uncompiled model's keys (no `_orig_mod.` prefix), so it rebuilds as any other."""
+    torch.manual_seed(0)
+    model = build_model("flexible_cnn", 3, CONFIG)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train_with_recipe(
+        model,
+        tiny_loaders(dataset, batch_size=6),  # 30 train, 12 val images: no short last batch to compile for
+        recipe(epochs=3, warmup_epochs=0.0, compile=True),
+        device=torch.device("cpu"),
+        live_dir=tmp_path / "live",
+        checkpoint=tmp_path / "best.pt",
+        model_name="flexible_cnn",
+        model_config=CONFIG,
+    )
+    logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
+    losses = [float(line.split("\t")[1]) for line in logged]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]
+    assert list(saved) == list(initial)
+    assert not torch.equal(saved["features.0.weight"], initial["features.0.weight"])
+    restored, _ = load_checkpoint(tmp_path / "best.pt")
+    assert list(restored.state_dict()) == list(initial)

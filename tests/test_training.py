@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,8 @@ from inatpipe.evaluation import Predictions, classification_metrics, evaluate_ch
 from inatpipe.models import build_model
 from inatpipe.runtime import choose_device, seed_everything
 from inatpipe.training import EpochMetrics, fit
+
+from .conftest import ROOT
 
 CONFIG = {"image_size": 16, "num_filters": (8, 16), "dense_neurons": 32, "dropout": 0.0}
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -140,3 +145,30 @@ def test_mixed_precision_and_channels_last_train_with_finite_losses(dataset: Pat
     conv = model.features[0].weight
     assert conv.dtype == torch.float32  # autocast computes in low precision; the weights stay fp32
     assert conv.is_contiguous(memory_format=torch.channels_last) == (channels_last and conv.shape[-1] > 1)
+
+
+def test_compile_without_a_cxx_compiler_is_a_one_line_error(tmp_path: Path):
+    """Inductor compiles at the first call: with no C++ compiler (CXX names none, and an empty cache holds no code
+    compiled before), the run stops there with one line that says how to fix it."""
+    code = (
+        "import torch\n"
+        "from inatpipe.errors import exit_on_user_error\n"
+        "from inatpipe.training import fit\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "run = fit(model, optimizer, batches, batches, 1, torch.device('cpu'), compile=True)\n"
+        "exit_on_user_error(lambda: list(run))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "CXX": "no-such-c++-compiler",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train.compile / resnet.compile: true needs a working C++ compiler for torch.compile")
+    assert "(InvalidCxxCompiler" in last and "no-such-c++-compiler" in last and last.endswith("; set it to false")

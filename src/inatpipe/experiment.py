@@ -114,6 +114,7 @@ def train_with_recipe(
         precision=recipe.precision,
         channels_last=recipe.channels_last,
         scaler=scaler,
+        compile=recipe.compile,
     )
     return track(
         model,

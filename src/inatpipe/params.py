@@ -163,7 +163,8 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class RecipeParams:
-    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping, budget.
+    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping, budget,
+    and how the loop runs (precision, memory layout, torch.compile).
 
     One set of keys, one implementation (recipe.py), two sections: `train` (FlexibleCNN) and `resnet`.
     """
@@ -183,6 +184,7 @@ class RecipeParams:
     max_minutes: float
     precision: str
     channels_last: bool
+    compile: bool
 
     def __post_init__(self) -> None:
         s = self.SECTION

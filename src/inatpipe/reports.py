@@ -44,12 +44,35 @@ def _caption(true: str, predicted: str, confidence: float) -> str:
     return f"true: {true}\npred: {predicted}{mark}\nconfidence {confidence:.2f}"
 
 
-def _grid_figure(rows: int, columns: int, title: str) -> tuple[Figure, np.ndarray]:
+def _image_grid(
+    cells: Sequence[int | None],
+    columns: int,
+    paths: Sequence[str],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+    title: str,
+) -> tuple[Figure, np.ndarray]:
+    """Test images row by row, `columns` to a row: each cell holds the image of that index (None: a blank cell),
+    captioned with its true and predicted class and the confidence, and framed in red when wrong."""
+    rows = len(cells) // columns
     # Constrained layout makes room for each caption and the title while keeping the figure size fixed.
     fig = Figure(figsize=(columns * CELL_INCHES[0], rows * CELL_INCHES[1]), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     fig.suptitle(title, fontsize=10)
+    for ax, i in zip(axes.flat, cells, strict=True):
+        if i is None:
+            _cell(ax, None)
+        else:
+            caption = _caption(classes[targets[i]], classes[predicted[i]], confidence[i])
+            _cell(ax, paths[i], caption, wrong=predicted[i] != targets[i])
     return fig, axes
+
+
+def _padded(indices: Sequence[int], length: int) -> list[int | None]:
+    """`indices`, then None (blank cells) up to `length`."""
+    return [*indices, *[None] * (length - len(indices))]
 
 
 def _save(fig: Figure, out: Path) -> Path:
@@ -68,16 +91,10 @@ def prediction_grid(
     title: str = "",
 ) -> Path:
     """One row per class, GRID_COLUMNS test images of that class (the first in index order); wrong ones in red."""
-    fig, axes = _grid_figure(len(classes), GRID_COLUMNS, title)
-    for k in range(len(classes)):
-        chosen = np.flatnonzero(targets == k)[:GRID_COLUMNS]
-        for col in range(GRID_COLUMNS):
-            if col >= len(chosen):  # fewer test images than columns: leave the cell blank
-                _cell(axes[k, col], None)
-                continue
-            i = chosen[col]
-            caption = _caption(classes[targets[i]], classes[predicted[i]], confidence[i])
-            _cell(axes[k, col], paths[i], caption, wrong=predicted[i] != targets[i])
+    cells = []
+    for k in range(len(classes)):  # fewer test images than columns: the rest of the row stays blank
+        cells += _padded(np.flatnonzero(targets == k)[:GRID_COLUMNS].tolist(), GRID_COLUMNS)
+    fig, _ = _image_grid(cells, GRID_COLUMNS, paths, targets, predicted, confidence, classes, title)
     return _save(fig, out)
 
 
@@ -94,14 +111,9 @@ def confident_mistakes(
     """The `count` wrong predictions made with the highest confidence, most confident first."""
     wrong = np.flatnonzero(predicted != targets)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
-    rows = max(1, -(-len(worst) // MISTAKE_COLUMNS))
-    fig, axes = _grid_figure(rows, MISTAKE_COLUMNS, title or "most confident mistakes")
-    for j, ax in enumerate(axes.flat):
-        if j < len(worst):
-            i = worst[j]
-            _cell(ax, paths[i], _caption(classes[targets[i]], classes[predicted[i]], confidence[i]), wrong=True)
-        else:
-            _cell(ax, None)
+    cells = _padded(worst.tolist(), max(1, -(-len(worst) // MISTAKE_COLUMNS)) * MISTAKE_COLUMNS)  # whole rows
+    title = title or "most confident mistakes"
+    fig, axes = _image_grid(cells, MISTAKE_COLUMNS, paths, targets, predicted, confidence, classes, title)
     if len(worst) == 0:
         axes[0, 0].text(0, 0.5, "no wrong predictions on the test set", fontsize=10)
     return _save(fig, out)

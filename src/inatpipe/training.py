@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.distributed import all_reduce_sums
+from inatpipe.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+@contextlib.contextmanager
+def _compile_errors() -> Iterator[None]:
+    """torch.compile compiles at the first call; a platform where it cannot (no C++ compiler for inductor on the
+    CPU, no Triton on the GPU) fails there, which the user fixes by turning `compile` off."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(
+            f"train.compile / resnet.compile: true needs a working C++ compiler for torch.compile ({reason}); "
+            "set it to false"
+        ) from None
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -147,6 +162,7 @@ def fit(
     precision: str = "fp32",
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    compile: bool = False,
 ) -> Iterator[EpochMetrics]:
     """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics.
 
@@ -154,7 +170,8 @@ def fit(
     stays comparable between runs with different smoothing. `scheduler` is stepped after every batch. `precision`
     (fp32, bf16, fp16) autocasts forward passes; `channels_last` keeps images and weights in NHWC layout, which the
     CPU and GPU convolution kernels run faster on. `scaler`: fp16's loss scaler, for a caller that keeps its state
-    (a resumed run); made here when None.
+    (a resumed run); made here when None. `compile` runs training and evaluation through torch.compile; `model`
+    itself stays uncompiled, so its state_dict is what callers save.
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     val_loss_fn = nn.CrossEntropyLoss()
@@ -162,20 +179,25 @@ def fit(
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if scaler is None:
         scaler = grad_scaler(device, precision)
+    # The compiled wrapper shares the model's parameters, so the optimizer trains them; its state_dict keys gain an
+    # `_orig_mod.` prefix, which is why callers save `model`, never the wrapper.
+    runner = torch.compile(model) if compile else model
+    guard = _compile_errors if compile else contextlib.nullcontext  # only a compiling run needs torch._dynamo loaded
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
-        train_loss, train_acc, lr = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            loss_fn,
-            device,
-            f"epoch {epoch}/{epochs}",
-            scheduler,
-            grad_clip,
-            precision,
-            channels_last,
-            scaler,
-        )
-        val_loss, val_acc = evaluate(model, val_loader, val_loss_fn, device, precision, channels_last)
+        with guard():
+            train_loss, train_acc, lr = train_one_epoch(
+                runner,
+                train_loader,
+                optimizer,
+                loss_fn,
+                device,
+                f"epoch {epoch}/{epochs}",
+                scheduler,
+                grad_clip,
+                precision,
+                channels_last,
+                scaler,
+            )
+            val_loss, val_acc = evaluate(runner, val_loader, val_loss_fn, device, precision, channels_last)
         yield EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - start, lr)

@@ -86,6 +86,7 @@ def finetune_history(
         "grad_clip": recipe.grad_clip,
         "precision": recipe.precision,
         "channels_last": recipe.channels_last,
+        "compile": recipe.compile,
     }
     if recipe.strategy != "staged":
         yield from fit(model, optimizer, train, val, recipe.epochs, **loop)
@@ -128,6 +129,7 @@ def head_history(
         scheduler=scheduler,
         grad_clip=recipe.grad_clip,
         precision=recipe.precision,  # channels_last is for images; features are plain vectors
+        compile=recipe.compile,
     )
 
 
