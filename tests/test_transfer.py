@@ -16,7 +16,7 @@ from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.transforms import eval_transform
 from inatpipe.errors import UserError
-from inatpipe.experiment import TrainingData
+from inatpipe.experiment import Optimization, TrainingData
 from inatpipe.features import BackboneFeatures, extract, weights_fingerprint
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import ARCHS, STAGES, TransferResNet, load_pretrained
@@ -27,6 +27,7 @@ from inatpipe.transfer import (
     discriminative_groups,
     feature_loaders,
     finetune_history,
+    finetuning_steps,
     head_history,
     stage_rates,
     train_transfer,
@@ -131,7 +132,7 @@ def test_partial_fine_tuning_keeps_frozen_batchnorm_statistics_and_weights(image
     loader = image_loader(images, shuffle=True)
     optimizer, scheduler = build_finetuning(model, recipe, len(loader))
     assert {g["stage"] for g in optimizer.param_groups} == {"head", "layer4"}
-    list(finetune_history(model, recipe, optimizer, scheduler, loader, image_loader(images), CPU))
+    list(finetune_history(model, recipe, Optimization(optimizer, scheduler, None), loader, image_loader(images), CPU))
 
     model.train()
     for stage, before in frozen_before.items():
@@ -166,7 +167,8 @@ def test_staged_switches_at_head_epochs_with_the_documented_rates(images):
 
     assert rates() == {"head": LR, "layer4": 0.0, "layer3": 0.0}  # the late groups exist, at rate 0
     start = snapshot(model.backbone)  # weights and BatchNorm statistics
-    history = finetune_history(model, recipe, optimizer, scheduler, loader, image_loader(images), CPU)
+    steps = Optimization(optimizer, scheduler, None)
+    history = finetune_history(model, recipe, steps, loader, image_loader(images), CPU)
     for epoch in (1, 2):
         assert next(history).epoch == epoch
         assert all(torch.equal(v, start[k]) for k, v in model.backbone.state_dict().items()), f"epoch {epoch}"
@@ -204,9 +206,11 @@ def test_cached_features_train_the_head_as_the_full_forward_pass_does(images):
     generator = torch.Generator().manual_seed(7)
     train = image_loader(images, shuffle=True, generator=generator)
     val = image_loader(images, batch_size=8, generator=generator)
-    slow = list(finetune_history(uncached, recipe, optimizer, scheduler, train, val, CPU))
+    slow = list(finetune_history(uncached, recipe, Optimization(optimizer, scheduler, None), train, val, CPU))
     fast_train, fast_val = feature_loaders(features, recipe.batch_size, torch.Generator().manual_seed(7), CPU)
-    fast = list(head_history(cached, recipe, fast_train, fast_val, CPU))
+    fast = list(
+        head_history(cached, recipe, finetuning_steps(cached, recipe, len(fast_train), CPU), fast_train, fast_val, CPU)
+    )
     assert torch.allclose(cached.head.weight, uncached.head.weight, atol=1e-5)
     assert torch.equal(cached.backbone.conv1.weight, uncached.backbone.conv1.weight)
     for a, b in zip(slow, fast, strict=True):
