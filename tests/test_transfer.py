@@ -4,6 +4,8 @@ cached features against the full forward pass, and weights files of the right an
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from inatpipe.features import BackboneFeatures, extract, weights_fingerprint
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import ARCHS, STAGES, TransferResNet, load_pretrained
 from inatpipe.params import ResnetParams, parse_params
+from inatpipe.recipe import Progress
+from inatpipe.resume import ResumeRun
 from inatpipe.transfer import (
     _counts,
     build_finetuning,
@@ -37,6 +41,7 @@ from .conftest import ROOT, write_image_folder
 
 CPU = torch.device("cpu")
 LR = 1.0e-3
+FINGERPRINT = {"params": "p", "code": "c", "data": "d"}
 
 
 def resnet_params(**overrides) -> ResnetParams:
@@ -282,3 +287,32 @@ def test_a_staged_run_records_its_strategy_and_counts_and_saves_the_complete_mod
     restored, meta = load_checkpoint(tmp_path / "resnet.pt")  # the complete model, as evaluate and predict load it
     assert isinstance(restored, TransferResNet) and meta["model_config"] == {"arch": "resnet18"}
     assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)  # the frozen stem
+
+
+@pytest.mark.parametrize("saved_after", [1, 2, 3])  # inside the head phase, at the switch, after it
+def test_staged_resumed_after_any_epoch_trains_as_the_uninterrupted_run(images, tmp_path: Path, saved_after: int):
+    recipe = resnet_params(arch="resnet18", strategy="staged", unfreeze=1, head_epochs=2, epochs=4, batch_size=8)
+    state = tmp_path / "state.pt"
+
+    def start() -> tuple[TransferResNet, ResumeRun, Iterator]:
+        torch.manual_seed(0)
+        model = TransferResNet(num_classes=3, arch="resnet18")
+        generator = torch.Generator().manual_seed(0)
+        train, val = image_loader(images, shuffle=True, generator=generator), image_loader(images)
+        steps = finetuning_steps(model, recipe, len(train), CPU)
+        run = ResumeRun.begin(state, FINGERPRINT, model, steps.optimizer, steps.scheduler, None, generator)
+        return model, run, run.continued(finetune_history(model, recipe, steps, train, val, CPU, run.start_epoch))
+
+    model, run, history = start()
+    progress, uninterrupted = Progress(epochs=recipe.epochs), []
+    for m in history:
+        progress.update(m)
+        uninterrupted.append(dataclasses.replace(m, seconds=0.0))
+        if m.epoch == saved_after:
+            run.save(model, model.state_dict(), progress, uninterrupted, 0.0)
+    resumed, run, history = start()
+    assert run.start_epoch == saved_after
+    rest = [dataclasses.replace(m, seconds=0.0) for m in history]
+    assert rest == uninterrupted[saved_after:]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
+    assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in model.parameters()]
