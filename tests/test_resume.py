@@ -321,6 +321,13 @@ def test_a_killed_resnet_run_resumes_and_ends_as_an_uninterrupted_one(
     # Killed without DVC (quicker, the same state; the flexible test kills DVC too), resumed by dvc repro, which
     # deletes the outputs the resumed run must then rewrite.
     killed_at = kill_after_epoch(p, 1, sys.executable, "stages/train_resnet.py", model="resnet", epochs=epochs)
+    if strategy == "head":  # the cached features are part of the data a state must match
+        other = copy_of(p, tmp_path / "other_features")
+        features = other.root / "artifacts/features/backbone.pt"
+        os.utime(features, ns=(features.stat().st_atime_ns, features.stat().st_mtime_ns + 10**9))
+        out = other.run(sys.executable, "stages/train_resnet.py").stdout
+        assert f"discarding the resume state {RESNET_STATE}: data changed since epoch" in out
+        assert "resuming" not in out and f"epoch 1/{epochs} " in out
     out = p.dvc("repro", "train_resnet").stdout
     resumed_from = int(out.split("resuming from epoch ")[1].split()[0])
     assert killed_at <= resumed_from < epochs
