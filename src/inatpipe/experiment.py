@@ -216,6 +216,9 @@ def _resume_run(
     data_files = [SPLIT_DIR / "classes.json", STATS_FILE, *prepared]
     arrays = [str(PREPARED_DIR / f"{subset}.npy") for subset in ("train", "val")]
     current = fingerprint(resume, device, data_files, [*arrays, *map(str, resume.large_files)])
+    # Optimizer state loads onto its parameters' device: on a GPU, the parameters must be there first, or the first
+    # step would mix CPU moments with GPU weights (fit moves the model, not the optimizer state).
+    model.to(device)
     return ResumeRun.begin(resume.path, current, model, steps.optimizer, steps.scheduler, steps.scaler, generator)
 
 
