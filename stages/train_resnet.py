@@ -2,6 +2,8 @@
 strategy of resnet.strategy; the head trains on the features stage's output when the backbone is frozen and
 nothing is augmented."""
 
+from pathlib import Path
+
 from inatpipe import distributed, paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.experiment import training_data
@@ -9,8 +11,11 @@ from inatpipe.features import describe, forward_reason, load_or_extract
 from inatpipe.models import build_model
 from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
+from inatpipe.resume import Resumable, params_sections
 from inatpipe.runtime import choose_device, configure_threads, seed_everything
 from inatpipe.transfer import train_transfer
+
+PARAMS = ("seed", "device", "data", "resnet")  # the params sections this stage reads
 
 
 def main() -> None:
@@ -40,6 +45,13 @@ def main() -> None:
         live_dir=paths.train_metrics_dir("resnet"),
         checkpoint=paths.checkpoint("resnet"),
         model_config=config,
+        # Trained on cached features, a resumed run must find the same file it started from.
+        resume=Resumable(
+            paths.resume_state("resnet"),
+            params_sections(p, *PARAMS),
+            Path(__file__),
+            large_files=(paths.FEATURES_FILE,) if features else (),
+        ),
         summary={
             "pretrained": pretrained,
             "weights": p.resnet.weights,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from inatpipe.recipe import Progress
@@ -29,6 +30,7 @@ from inatpipe.training import EpochMetrics
 from .project import Project, new_project
 
 STATE = Path(".resume/train_flexible.pt")
+RESNET_STATE = Path(".resume/train_resnet.pt")
 
 
 def draws(generator: torch.Generator) -> list:
@@ -191,19 +193,20 @@ def copy_of(p: Project, root: Path) -> Project:
     return Project(root)
 
 
-def saved_epoch(p: Project) -> int:
-    try:
-        return torch.load(p.root / STATE, map_location="cpu", weights_only=True)["epoch"]
+def saved_epoch(p: Project, state: Path = STATE) -> int:
+    try:  # mmap: the epoch without reading a ResNet's weights
+        return torch.load(p.root / state, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     except Exception:  # not written yet; written atomically, so never half-read
         return 0
 
 
-def kill_after_epoch(p: Project, epoch: int, *cmd: str) -> int:
-    """Start `cmd` (`dvc repro train_flexible`), SIGKILL it (DVC and the stage) once a resume state for `epoch` or
+def kill_after_epoch(p: Project, epoch: int, *cmd: str, model: str = "flexible", epochs: int = EPOCHS) -> int:
+    """Start `cmd` (`dvc repro train_<model>`), SIGKILL it (DVC and the stage) once a resume state for `epoch` or
     later is saved; returns that epoch."""
+    state = Path(f".resume/train_{model}.pt")
     with (p.root / "killed.log").open("w") as log:
         proc = subprocess.Popen(
-            cmd or [sys.executable, "-m", "dvc", "repro", "train_flexible"],
+            cmd or [sys.executable, "-m", "dvc", "repro", f"train_{model}"],
             cwd=p.root,
             env=p.env,
             stdout=log,
@@ -211,22 +214,22 @@ def kill_after_epoch(p: Project, epoch: int, *cmd: str) -> int:
             start_new_session=True,  # its own process group: the kill reaches the stage's processes too
         )
         deadline = time.monotonic() + 120
-        while (saved := saved_epoch(p)) < epoch and proc.poll() is None and time.monotonic() < deadline:
+        while (saved := saved_epoch(p, state)) < epoch and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert epoch <= saved < EPOCHS, (
+    assert epoch <= saved < epochs, (
         f"the run was not caught mid-way (saved epoch {saved}):\n" + (p.root / "killed.log").read_text()
     )
     return saved
 
 
-def results(p: Project) -> tuple[dict, dict[str, str], dict]:
-    metrics = p.json("metrics/train_flexible/metrics.json")
+def results(p: Project, model: str = "flexible") -> tuple[dict, dict[str, str], dict]:
+    metrics = p.json(f"metrics/train_{model}/metrics.json")
     metrics.pop("train_seconds")
-    plots = p.root / "metrics/train_flexible/plots"
+    plots = p.root / f"metrics/train_{model}/plots"
     curves = {f.relative_to(plots).as_posix(): f.read_text() for f in sorted(plots.rglob("*.tsv"))}
-    ckpt = torch.load(p.root / "models/flexible.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(p.root / f"models/{model}.pt", map_location="cpu", weights_only=True)
     return metrics, curves, ckpt
 
 
@@ -266,3 +269,74 @@ def test_a_state_from_other_params_is_discarded_and_training_starts_over(prepare
     assert "resuming" not in out and f"epoch 1/{EPOCHS} " in out
     assert not (p.root / STATE).exists()
     assert p.json("metrics/train_flexible/metrics.json")["stop"]["epoch"] == EPOCHS
+
+
+# train_resnet the same way: staged fine-tuning on images (killed in or after the switch), the head on features.
+
+RESNET_PARAMS = {
+    "data": {"image_size": 32, "augment": False, "num_workers": 0},
+    "resnet": {"arch": "resnet18", "epochs": 8, "batch_size": 8, "learning_rate": 1.0e-2, "warmup_epochs": 0.0},
+}
+# The head on features (the fixture's params) takes an instant per epoch: 8 epochs leave time to kill it mid-way.
+# Staged epochs run the backbone; augmented, as by default, so the resumed run must draw the same random crops.
+RESNET_RUNS = {
+    "head": {},
+    "staged": {
+        "resnet": {"strategy": "staged", "unfreeze": 1, "head_epochs": 1, "epochs": 3, "batch_size": 16},
+        "data": {"augment": True},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def resnet_prepared(tmp_path_factory) -> Project:
+    """A project with resnet18 weights from a file, whose stages up to features have run (strategy head)."""
+    root = tmp_path_factory.mktemp("resume_resnet")
+    weights = root / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    params = {**RESNET_PARAMS, "resnet": {**RESNET_PARAMS["resnet"], "weights": str(weights)}}
+    p = new_project(root / "project", params, train_per_class=12, test_per_class=4, size=16)
+    p.dvc("repro", "features")
+    p.git("add", "-A")
+    p.git("commit", "-qm", "split, prepare, stats and features")
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", RESNET_RUNS)
+def test_a_killed_resnet_run_resumes_and_ends_as_an_uninterrupted_one(
+    resnet_prepared: Project, tmp_path: Path, strategy: str
+):
+    base = copy_of(resnet_prepared, tmp_path / "base")
+    if RESNET_RUNS[strategy]:
+        base.set_params(RESNET_RUNS[strategy])
+        base.dvc("repro", "features")  # a note that the backbone runs every epoch
+    epochs = {**RESNET_PARAMS["resnet"], **RESNET_RUNS[strategy].get("resnet", {})}["epochs"]
+    reference, p = copy_of(base, tmp_path / "reference"), copy_of(base, tmp_path / "killed")
+    out = reference.run(sys.executable, "stages/train_resnet.py").stdout  # what dvc repro runs, a little quicker
+    assert "resuming" not in out and not (reference.root / RESNET_STATE).exists()
+    assert ("cached backbone features from artifacts/features/backbone.pt" in out) == (strategy == "head")
+    ref_metrics, ref_curves, ref_ckpt = results(reference, "resnet")
+
+    # Killed without DVC (quicker, the same state; the flexible test kills DVC too), resumed by dvc repro, which
+    # deletes the outputs the resumed run must then rewrite.
+    killed_at = kill_after_epoch(p, 1, sys.executable, "stages/train_resnet.py", model="resnet", epochs=epochs)
+    if strategy == "head":  # the cached features are part of the data a state must match
+        other = copy_of(p, tmp_path / "other_features")
+        features = other.root / "artifacts/features/backbone.pt"
+        os.utime(features, ns=(features.stat().st_atime_ns, features.stat().st_mtime_ns + 10**9))
+        out = other.run(sys.executable, "stages/train_resnet.py").stdout
+        assert f"discarding the resume state {RESNET_STATE}: data changed since epoch" in out
+        assert "resuming" not in out and f"epoch 1/{epochs} " in out
+    out = p.dvc("repro", "train_resnet").stdout
+    resumed_from = int(out.split("resuming from epoch ")[1].split()[0])
+    assert killed_at <= resumed_from < epochs
+    assert f"epoch {resumed_from}/{epochs} " not in out and f"epoch {resumed_from + 1}/{epochs} " in out
+    assert not (p.root / RESNET_STATE).exists()
+
+    metrics, curves, ckpt = results(p, "resnet")
+    assert metrics == ref_metrics and metrics["strategy"] == strategy and metrics["stop"]["epoch"] == epochs
+    assert len(curves) == 5 and curves == ref_curves
+    state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
+    assert ckpt == ref_ckpt
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)

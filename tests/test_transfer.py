@@ -4,6 +4,8 @@ cached features against the full forward pass, and weights files of the right an
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +18,20 @@ from inatpipe.data.dataset import IndexDataset, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.transforms import eval_transform
 from inatpipe.errors import UserError
-from inatpipe.experiment import TrainingData
+from inatpipe.experiment import Optimization, TrainingData
 from inatpipe.features import BackboneFeatures, extract, weights_fingerprint
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import ARCHS, STAGES, TransferResNet, load_pretrained
 from inatpipe.params import ResnetParams, parse_params
+from inatpipe.recipe import Progress
+from inatpipe.resume import ResumeRun
 from inatpipe.transfer import (
     _counts,
     build_finetuning,
     discriminative_groups,
     feature_loaders,
     finetune_history,
+    finetuning_steps,
     head_history,
     stage_rates,
     train_transfer,
@@ -36,6 +41,7 @@ from .conftest import ROOT, write_image_folder
 
 CPU = torch.device("cpu")
 LR = 1.0e-3
+FINGERPRINT = {"params": "p", "code": "c", "data": "d"}
 
 
 def resnet_params(**overrides) -> ResnetParams:
@@ -131,7 +137,7 @@ def test_partial_fine_tuning_keeps_frozen_batchnorm_statistics_and_weights(image
     loader = image_loader(images, shuffle=True)
     optimizer, scheduler = build_finetuning(model, recipe, len(loader))
     assert {g["stage"] for g in optimizer.param_groups} == {"head", "layer4"}
-    list(finetune_history(model, recipe, optimizer, scheduler, loader, image_loader(images), CPU))
+    list(finetune_history(model, recipe, Optimization(optimizer, scheduler, None), loader, image_loader(images), CPU))
 
     model.train()
     for stage, before in frozen_before.items():
@@ -166,7 +172,8 @@ def test_staged_switches_at_head_epochs_with_the_documented_rates(images):
 
     assert rates() == {"head": LR, "layer4": 0.0, "layer3": 0.0}  # the late groups exist, at rate 0
     start = snapshot(model.backbone)  # weights and BatchNorm statistics
-    history = finetune_history(model, recipe, optimizer, scheduler, loader, image_loader(images), CPU)
+    steps = Optimization(optimizer, scheduler, None)
+    history = finetune_history(model, recipe, steps, loader, image_loader(images), CPU)
     for epoch in (1, 2):
         assert next(history).epoch == epoch
         assert all(torch.equal(v, start[k]) for k, v in model.backbone.state_dict().items()), f"epoch {epoch}"
@@ -204,9 +211,11 @@ def test_cached_features_train_the_head_as_the_full_forward_pass_does(images):
     generator = torch.Generator().manual_seed(7)
     train = image_loader(images, shuffle=True, generator=generator)
     val = image_loader(images, batch_size=8, generator=generator)
-    slow = list(finetune_history(uncached, recipe, optimizer, scheduler, train, val, CPU))
+    slow = list(finetune_history(uncached, recipe, Optimization(optimizer, scheduler, None), train, val, CPU))
     fast_train, fast_val = feature_loaders(features, recipe.batch_size, torch.Generator().manual_seed(7), CPU)
-    fast = list(head_history(cached, recipe, fast_train, fast_val, CPU))
+    fast = list(
+        head_history(cached, recipe, finetuning_steps(cached, recipe, len(fast_train), CPU), fast_train, fast_val, CPU)
+    )
     assert torch.allclose(cached.head.weight, uncached.head.weight, atol=1e-5)
     assert torch.equal(cached.backbone.conv1.weight, uncached.backbone.conv1.weight)
     for a, b in zip(slow, fast, strict=True):
@@ -278,3 +287,32 @@ def test_a_staged_run_records_its_strategy_and_counts_and_saves_the_complete_mod
     restored, meta = load_checkpoint(tmp_path / "resnet.pt")  # the complete model, as evaluate and predict load it
     assert isinstance(restored, TransferResNet) and meta["model_config"] == {"arch": "resnet18"}
     assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)  # the frozen stem
+
+
+@pytest.mark.parametrize("saved_after", [1, 2, 3])  # inside the head phase, at the switch, after it
+def test_staged_resumed_after_any_epoch_trains_as_the_uninterrupted_run(images, tmp_path: Path, saved_after: int):
+    recipe = resnet_params(arch="resnet18", strategy="staged", unfreeze=1, head_epochs=2, epochs=4, batch_size=8)
+    state = tmp_path / "state.pt"
+
+    def start() -> tuple[TransferResNet, ResumeRun, Iterator]:
+        torch.manual_seed(0)
+        model = TransferResNet(num_classes=3, arch="resnet18")
+        generator = torch.Generator().manual_seed(0)
+        train, val = image_loader(images, shuffle=True, generator=generator), image_loader(images)
+        steps = finetuning_steps(model, recipe, len(train), CPU)
+        run = ResumeRun.begin(state, FINGERPRINT, model, steps.optimizer, steps.scheduler, None, generator)
+        return model, run, run.continued(finetune_history(model, recipe, steps, train, val, CPU, run.start_epoch))
+
+    model, run, history = start()
+    progress, uninterrupted = Progress(epochs=recipe.epochs), []
+    for m in history:
+        progress.update(m)
+        uninterrupted.append(dataclasses.replace(m, seconds=0.0))
+        if m.epoch == saved_after:
+            run.save(model, model.state_dict(), progress, uninterrupted, 0.0)
+    resumed, run, history = start()
+    assert run.start_epoch == saved_after
+    rest = [dataclasses.replace(m, seconds=0.0) for m in history]
+    assert rest == uninterrupted[saved_after:]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
+    assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in model.parameters()]

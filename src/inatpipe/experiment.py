@@ -1,13 +1,14 @@
 """What the training stages share: loaders from the split and stats files, and a tracked run of `fit`.
 
-`train_with_recipe` builds the recipe around a model and runs the dvclive-free loop in `training.py`; `track`
-logs each epoch to dvclive, keeps the best-on-val checkpoint, stops early, and returns the run's summary metrics.
+`train_with_recipe` builds the recipe around a model and runs the dvclive-free loop in `training.py` through
+`train_tracked`, which transfer learning shares (its own optimizer and loop phases): resume states, then `track`,
+which logs each epoch to dvclive, keeps the best-on-val checkpoint, stops early, and returns the run's summary.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,20 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     )
 
 
+# A run's epochs from `start_epoch` + 1 to its last: the loop a resumed run continues (fit, or fit in phases).
+History = Callable[[int], Iterator[EpochMetrics]]
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """What training steps besides the model, and a resume state restores: optimizer, per-batch schedule and
+    fp16's loss scaler (None in other precisions)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+
 def train_with_recipe(
     model: nn.Module,
     data: TrainingData,
@@ -98,27 +113,83 @@ def train_with_recipe(
     """
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
-    scaler = grad_scaler(device, recipe.precision)  # made here, so a resume state can keep its scale
-    run = _resume_run(resume, model, optimizer, scheduler, scaler, data, device)
-    history = fit(
-        distributed.wrap(model, device, recipe.channels_last),
-        optimizer,
-        data.train,
-        data.val,
-        recipe.epochs,
+    steps = Optimization(optimizer, scheduler, grad_scaler(device, recipe.precision))
+
+    def history(start_epoch: int) -> Iterator[EpochMetrics]:
+        net = distributed.wrap(model, device, recipe.channels_last)
+        return fit_recipe(net, recipe, steps, data.train, data.val, device, start_epoch=start_epoch)
+
+    return train_tracked(
+        model,
+        data,
+        recipe,
+        steps,
+        history,
+        generator=data.train.generator,
+        device=device,
+        live_dir=live_dir,
+        checkpoint=checkpoint,
+        model_name=model_name,
+        model_config=model_config,
+        summary=summary,
+        resume=resume,
+    )
+
+
+def fit_recipe(
+    model: nn.Module,
+    recipe: RecipeParams,
+    steps: Optimization,
+    train: Iterable,
+    val: Iterable,
+    device: torch.device,
+    *,
+    start_epoch: int = 0,
+    epochs: int | None = None,
+    channels_last: bool | None = None,
+) -> Iterator[EpochMetrics]:
+    """`fit` with the recipe's loss, clipping and precision, stepping `steps`: epochs `start_epoch` + 1 to `epochs`
+    (default: the recipe's); `channels_last` defaults to the recipe's (images only: features are plain vectors)."""
+    return fit(
+        model,
+        steps.optimizer,
+        train,
+        val,
+        recipe.epochs if epochs is None else epochs,
         device,
         loss_fn=training_loss(recipe),
-        start_epoch=run.start_epoch if run else 0,
-        scheduler=scheduler,
+        start_epoch=start_epoch,
+        scheduler=steps.scheduler,
         grad_clip=recipe.grad_clip,
         precision=recipe.precision,
-        channels_last=recipe.channels_last,
-        scaler=scaler,
+        channels_last=recipe.channels_last if channels_last is None else channels_last,
+        scaler=steps.scaler,
         compile=recipe.compile,
     )
+
+
+def train_tracked(
+    model: nn.Module,
+    data: TrainingData,
+    recipe: RecipeParams,
+    steps: Optimization,
+    history: History,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    live_dir: Path,
+    checkpoint: Path,
+    model_name: str,
+    model_config: dict,
+    summary: dict[str, Any] | None = None,
+    resume: Resumable | None = None,
+) -> dict[str, Any]:
+    """Run `history` from the first epoch, or with `resume` from the epoch after a matching resume state's (its
+    model, `steps` and RNGs restored, `generator` the training loader's), and track it; returns the summary."""
+    run = _resume_run(resume, model, steps, generator, device)
     return track(
         model,
-        history,
+        history(run.start_epoch if run else 0),
         data,
         epochs=recipe.epochs,
         patience=recipe.patience,
@@ -135,10 +206,8 @@ def train_with_recipe(
 def _resume_run(
     resume: Resumable | None,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    data: TrainingData,
+    steps: Optimization,
+    generator: torch.Generator,
     device: torch.device,
 ) -> ResumeRun | None:
     if resume is None:
@@ -147,8 +216,11 @@ def _resume_run(
     prepared = [PREPARED_DIR / name for name in ("meta.json", "train_labels.npy", "val_labels.npy")]
     data_files = [SPLIT_DIR / "classes.json", STATS_FILE, *prepared]
     arrays = [str(PREPARED_DIR / f"{subset}.npy") for subset in ("train", "val")]
-    current = fingerprint(resume, device, data_files, arrays)
-    return ResumeRun.begin(resume.path, current, model, optimizer, scheduler, scaler, data.train.generator)
+    current = fingerprint(resume, device, data_files, [*arrays, *map(str, resume.large_files)])
+    # Optimizer state loads onto its parameters' device: on a GPU, the parameters must be there first, or the first
+    # step would mix CPU moments with GPU weights (fit moves the model, not the optimizer state).
+    model.to(device)
+    return ResumeRun.begin(resume.path, current, model, steps.optimizer, steps.scheduler, steps.scaler, generator)
 
 
 def track(

@@ -38,6 +38,7 @@ class Resumable:
     path: Path
     params: dict[str, Any]  # the params sections the stage reads
     stage_file: Path
+    large_files: tuple[Path, ...] = ()  # other data the run reads, too large to hash: by size and time (features)
 
 
 def params_sections(params: Params, *names: str) -> dict[str, Any]:

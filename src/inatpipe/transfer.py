@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from inatpipe.data.dataset import make_loader
-from inatpipe.experiment import TrainingData, track
+from inatpipe.experiment import Optimization, TrainingData, fit_recipe, train_tracked
 from inatpipe.features import BackboneFeatures
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import STAGES, TransferResNet
 from inatpipe.params import ResnetParams
-from inatpipe.recipe import build_optimizer, build_scheduler, parameter_groups, training_loss
-from inatpipe.training import EpochMetrics, fit
+from inatpipe.recipe import build_optimizer, build_scheduler, parameter_groups
+from inatpipe.resume import Resumable
+from inatpipe.training import EpochMetrics, grad_scaler
 
 
 def stage_rates(recipe: ResnetParams, trainable_stages: int) -> dict[str, float]:
@@ -64,39 +65,43 @@ def build_finetuning(
     return optimizer, build_scheduler(optimizer, recipe, steps_per_epoch, start_steps=starts)
 
 
+def finetuning_steps(
+    model: TransferResNet, recipe: ResnetParams, steps_per_epoch: int, device: torch.device
+) -> Optimization:
+    """`build_finetuning`'s optimizer and schedule, and the recipe's loss scaler (made here so a resume keeps it)."""
+    optimizer, scheduler = build_finetuning(model, recipe, steps_per_epoch)
+    return Optimization(optimizer, scheduler, grad_scaler(device, recipe.precision))
+
+
 def finetune_history(
     model: TransferResNet,
     recipe: ResnetParams,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    steps: Optimization,
     train: DataLoader,
     val: DataLoader,
     device: torch.device,
+    start_epoch: int = 0,
 ) -> Iterator[EpochMetrics]:
-    """Train on images, the full forward pass every epoch, with the optimizer of `build_finetuning`.
+    """Train on images, the full forward pass every epoch, with the optimizer of `build_finetuning`, from epoch
+    `start_epoch` + 1 (a resumed run's next).
 
     `staged` runs as two consecutive `fit` phases over the one optimizer and schedule: until the switch the late
-    stages are frozen (no gradients, BatchNorm statistics untouched); then they train. `fit` stays unaware of
-    fine-tuning, and the caller sees one history, as from any other run.
+    stages are frozen (no gradients, BatchNorm statistics untouched); then they train. A run resumed at or after
+    the switch starts in the second phase, its stages unfrozen as the uninterrupted run's were. `fit` stays unaware
+    of fine-tuning, and the caller sees one history, as from any other run.
     """
-    loop = {
-        "device": device,
-        "loss_fn": training_loss(recipe),
-        "scheduler": scheduler,
-        "grad_clip": recipe.grad_clip,
-        "precision": recipe.precision,
-        "channels_last": recipe.channels_last,
-        "compile": recipe.compile,
-    }
     if recipe.strategy != "staged":
-        yield from fit(model, optimizer, train, val, recipe.epochs, **loop)
+        yield from fit_recipe(model, recipe, steps, train, val, device, start_epoch=start_epoch)
         return
-    model.set_trainable_stages(0)
-    yield from fit(model, optimizer, train, val, recipe.head_epochs, **loop)
+    if start_epoch < recipe.head_epochs:
+        model.set_trainable_stages(0)
+        yield from fit_recipe(
+            model, recipe, steps, train, val, device, start_epoch=start_epoch, epochs=recipe.head_epochs
+        )
+        unfrozen = ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :])
+        tqdm.write(f"staged: head trained for {recipe.head_epochs} epochs; from now on {unfrozen} train too")
     model.set_trainable_stages(recipe.trainable_stages)
-    unfrozen = ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :])
-    tqdm.write(f"staged: head trained for {recipe.head_epochs} epochs; from now on {unfrozen} train too")
-    yield from fit(model, optimizer, train, val, recipe.epochs, start_epoch=recipe.head_epochs, **loop)
+    yield from fit_recipe(model, recipe, steps, train, val, device, start_epoch=max(start_epoch, recipe.head_epochs))
 
 
 def feature_loaders(
@@ -112,25 +117,19 @@ def feature_loaders(
 
 
 def head_history(
-    model: TransferResNet, recipe: ResnetParams, train: DataLoader, val: DataLoader, device: torch.device
+    model: TransferResNet,
+    recipe: ResnetParams,
+    steps: Optimization,
+    train: DataLoader,
+    val: DataLoader,
+    device: torch.device,
+    start_epoch: int = 0,
 ) -> Iterator[EpochMetrics]:
-    """Train the head alone on loaders of backbone features: the same loop, optimizer and schedule as on images."""
+    """Train the head alone on loaders of backbone features: the same loop, and the optimizer and schedule of
+    `build_finetuning`, as on images."""
     model.set_trainable_stages(0)
-    optimizer = build_optimizer(model.head, recipe)
-    scheduler = build_scheduler(optimizer, recipe, len(train))
-    return fit(
-        model.head,
-        optimizer,
-        train,
-        val,
-        recipe.epochs,
-        device,
-        loss_fn=training_loss(recipe),
-        scheduler=scheduler,
-        grad_clip=recipe.grad_clip,
-        precision=recipe.precision,  # channels_last is for images; features are plain vectors
-        compile=recipe.compile,
-    )
+    # channels_last is for images; features are plain vectors
+    return fit_recipe(model.head, recipe, steps, train, val, device, start_epoch=start_epoch, channels_last=False)
 
 
 def train_transfer(
@@ -145,32 +144,39 @@ def train_transfer(
     checkpoint: Path,
     model_config: dict,
     summary: dict[str, Any] | None = None,
+    resume: Resumable | None = None,
 ) -> dict[str, Any]:
     """Train with the recipe's strategy, on `features` when given, else on images; track the run and checkpoint the
-    complete model (backbone and head) either way. Returns the run's summary metrics."""
+    complete model (backbone and head) either way. With `resume`, the run saves a resume state after every epoch
+    and continues from a matching one it finds. Returns the run's summary metrics."""
     total, final_trainable = _counts(model, recipe.trainable_stages)
     _, head_trainable = _counts(model, 0)
     if features is not None:
         train, val = feature_loaders(features, recipe.batch_size, generator, device)
-        history = head_history(model, recipe, train, val, device)
+        phases = head_history
     else:
+        train, val, phases = data.train, data.val, finetune_history
         rates = stage_rates(recipe, recipe.trainable_stages)
         tqdm.write("learning rates: " + ", ".join(f"{stage} {lr:.2e}" for stage, lr in rates.items()))
-        optimizer, scheduler = build_finetuning(model, recipe, len(data.train))
-        history = finetune_history(model, recipe, optimizer, scheduler, data.train, data.val, device)
+    steps = finetuning_steps(model, recipe, len(train), device)
     tqdm.write(f"{recipe.arch}, strategy {recipe.strategy}: {final_trainable:,} of {total:,} parameters train")
     # track counts the trainable parameters as the run starts; staged runs record the final count too, below.
     model.set_trainable_stages(0 if recipe.strategy == "staged" else recipe.trainable_stages)
     counts = {"params_total": total, "params_trainable": final_trainable}
     if recipe.strategy == "staged":
         counts["params_trainable_head_epochs"] = head_trainable
-    return track(
+
+    def history(start_epoch: int) -> Iterator[EpochMetrics]:
+        return phases(model, recipe, steps, train, val, device, start_epoch)
+
+    return train_tracked(
         model,
-        history,
         data,
-        epochs=recipe.epochs,
-        patience=recipe.patience,
-        max_minutes=recipe.max_minutes,
+        recipe,
+        steps,
+        history,
+        generator=train.generator,
+        device=device,
         live_dir=live_dir,
         checkpoint=checkpoint,
         model_name="resnet",
@@ -182,6 +188,7 @@ def train_transfer(
             "unfrozen": ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :][::-1]) or "none",
             **(summary or {}),
         },
+        resume=resume,
     )
 
 
