@@ -19,7 +19,7 @@ from inatpipe.errors import UserError
 from inatpipe.evaluation import Predictions, classification_metrics, evaluate_checkpoint
 from inatpipe.models import build_model
 from inatpipe.runtime import choose_device, seed_everything
-from inatpipe.training import EpochMetrics, fit
+from inatpipe.training import EpochMetrics, autocast, fit, native_bf16, resolve_precision
 
 from .conftest import ROOT
 
@@ -145,6 +145,18 @@ def test_mixed_precision_and_channels_last_train_with_finite_losses(dataset: Pat
     conv = model.features[0].weight
     assert conv.dtype == torch.float32  # autocast computes in low precision; the weights stay fp32
     assert conv.is_contiguous(memory_format=torch.channels_last) == (channels_last and conv.shape[-1] > 1)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively():
+    cpu = torch.device("cpu")
+    for setting in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(cpu, setting) == setting  # an explicit setting is kept as written
+    auto = resolve_precision(cpu, "auto")
+    assert auto == ("bf16" if native_bf16(cpu) else "fp32")
+    with autocast(cpu, "auto"):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == (torch.bfloat16 if auto == "bf16" else torch.float32)
+    assert resolve_precision(torch.device("mps"), "auto") == "fp32"
 
 
 def test_compile_without_a_cxx_compiler_is_a_one_line_error(tmp_path: Path):

@@ -31,7 +31,7 @@ from inatpipe.paths import PREPARED_DIR, SPLIT_DIR, STATS_FILE
 from inatpipe.recipe import Progress, build_optimizer, build_scheduler, training_loss
 from inatpipe.resume import Resumable, ResumeRun, fingerprint
 from inatpipe.runtime import resolve_num_workers
-from inatpipe.training import EpochMetrics, fit, grad_scaler
+from inatpipe.training import EpochMetrics, fit, grad_scaler, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ def train_tracked(
         checkpoint=checkpoint,
         model_name=model_name,
         model_config=model_config,
-        summary=summary,
+        # What ran: `auto` precision resolved for this device
+        summary={"precision": resolve_precision(device, recipe.precision), **(summary or {})},
         resume=run,
     )
 

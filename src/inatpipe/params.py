@@ -42,7 +42,7 @@ RESNET_ARCHS = (
 STRATEGIES = ("head", "partial", "full", "staged")
 RESNET_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what resnet.unfreeze counts from the top
 OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively, else fp32
 SCHEDULERS = ("constant", "cosine", "onecycle")
 
 
