@@ -51,21 +51,22 @@ def main() -> None:
         run(sys.executable, "-m", "inatpipe.cli", "data", "setup")
         run("git", "add", "-A")
         run("git", "commit", "-qm", "the pipeline on the digits sample")
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
+        runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in SETTINGS}
         for seed in args.seeds:
             for name, overrides in SETTINGS.items():
                 sets = [arg for key, value in {"seed": seed, **overrides}.items() for arg in ("-S", f"{key}={value}")]
                 run(sys.executable, "-m", "dvc", "exp", "run", "evaluate@flexible", *sets)
                 trained = json.loads((work / "metrics/train_flexible/metrics.json").read_text())
                 tested = json.loads((work / "metrics/evaluate/flexible/metrics.json").read_text())
-                runs[name].append((tested["test"]["accuracy"], trained["train_seconds"]))
-                print(f"seed {seed}  {name:<22} test accuracy {runs[name][-1][0]:.4f}  {runs[name][-1][1]:6.1f} s")
+                accuracy, loss, seconds = tested["test"]["accuracy"], tested["test"]["loss"], trained["train_seconds"]
+                runs[name].append((accuracy, loss, seconds))
+                print(f"seed {seed}  {name:<22} test accuracy {accuracy:.4f}  loss {loss:.4f}  {seconds:6.1f} s")
 
     print(f"\ncores: {os.cpu_count()}   FlexibleCNN with the committed params.yaml, digits sample, seeds {args.seeds}")
-    base = statistics.mean(seconds for _, seconds in runs["fp32"])
+    base = statistics.mean(seconds for _, _, seconds in runs["fp32"])
     for name, results in runs.items():
-        accuracies = [accuracy for accuracy, _ in results]
-        seconds = statistics.mean(s for _, s in results)
+        accuracies = [accuracy for accuracy, _, _ in results]
+        seconds = statistics.mean(s for _, _, s in results)
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         print(
             f"{name:<22} test accuracy {statistics.mean(accuracies):.4f} ± {spread:.4f} (min {min(accuracies):.4f})"
