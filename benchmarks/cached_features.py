@@ -34,7 +34,7 @@ from inatpipe.features import extract
 from inatpipe.models.resnet import TransferResNet
 from inatpipe.params import parse_params
 from inatpipe.runtime import seed_everything
-from inatpipe.transfer import build_finetuning, feature_loaders, finetune_history, head_history
+from inatpipe.transfer import feature_loaders, finetune_history, finetuning_steps, head_history
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 5
@@ -96,17 +96,24 @@ def main() -> None:
 
         train, val, _ = loaders(Path(tmp), args.size, recipe.batch_size, seed=1)
         start = time.perf_counter()
-        optimizer, scheduler = build_finetuning(report, recipe, len(train))
-        slow = list(finetune_history(report, recipe, optimizer, scheduler, train, val, cpu))
+        steps = finetuning_steps(report, recipe, len(train), cpu)
+        slow = list(finetune_history(report, recipe, steps, train, val, cpu))
         slow_seconds = time.perf_counter() - start
 
         train, val, generator = loaders(Path(tmp), args.size, recipe.batch_size, seed=1)
         start = time.perf_counter()
         unshuffled = {"train": make_loader(train.dataset, 64), "val": make_loader(val.dataset, 64)}
-        features = extract(cached.backbone, unshuffled, cpu, meta={})
+        # the backbone pass in the recipe's precision and layout, as the report's loop runs it
+        features = extract(
+            cached.backbone, unshuffled, cpu, meta={}, precision=recipe.precision, channels_last=recipe.channels_last
+        )
         feature_seconds = time.perf_counter() - start
         fast_train, fast_val = feature_loaders(features, recipe.batch_size, generator, cpu)
-        fast = list(head_history(cached, recipe, fast_train, fast_val, cpu))
+        fast = list(
+            head_history(
+                cached, recipe, finetuning_steps(cached, recipe, len(fast_train), cpu), fast_train, fast_val, cpu
+            )
+        )
         fast_seconds = time.perf_counter() - start
 
     print(

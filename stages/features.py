@@ -9,6 +9,7 @@ from inatpipe.features import describe, extract, forward_reason, subsets, write_
 from inatpipe.models.resnet import TransferResNet, load_pretrained
 from inatpipe.params import load_params
 from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.training import resolve_precision
 
 
 def main() -> None:
@@ -23,9 +24,19 @@ def main() -> None:
     data = subsets(p.data, device)
     model = TransferResNet(len(data.classes), p.resnet.arch)  # seeded as in train_resnet: the same random init if any
     pretrained = load_pretrained(model, p.resnet.weights, p.resnet.arch, p.resnet.require_pretrained)
-    meta = describe(p.resnet.arch, model.backbone, p.data.image_size, data.stats["mean"], data.stats["std"])
+    precision = resolve_precision(device, p.resnet.precision)  # as train_resnet's forward pass would run
+    stats = data.stats
+    meta = describe(p.resnet.arch, model.backbone, p.data.image_size, stats["mean"], stats["std"], precision)
     meta = {**meta, "weights": p.resnet.weights, "pretrained": pretrained}
-    features = extract(model.backbone, data.loaders, device, meta, data.paths)
+    features = extract(
+        model.backbone,
+        data.loaders,
+        device,
+        meta,
+        data.paths,
+        precision=precision,
+        channels_last=p.resnet.channels_last,
+    )
     features.save(paths.FEATURES_FILE)
     shapes = ", ".join(f"{subset} {tuple(f.shape)}" for subset, f in features.features.items())
     print(f"{p.resnet.arch} features: {shapes} -> {paths.FEATURES_FILE}")

@@ -13,6 +13,7 @@ from inatpipe.models.resnet import load_pretrained
 from inatpipe.params import load_params
 from inatpipe.resume import Resumable, params_sections
 from inatpipe.runtime import choose_device, configure_threads, seed_everything
+from inatpipe.training import resolve_precision
 from inatpipe.transfer import train_transfer
 
 PARAMS = ("seed", "device", "data", "resnet")  # the params sections this stage reads
@@ -32,8 +33,17 @@ def main() -> None:
     if reason:
         print(f"full forward pass every epoch: {reason}")
     else:
-        meta = describe(p.resnet.arch, model.backbone, p.data.image_size, data.mean, data.std)
-        features, note = load_or_extract(paths.FEATURES_FILE, model.backbone, p.data, device, meta)
+        precision = resolve_precision(device, p.resnet.precision)
+        meta = describe(p.resnet.arch, model.backbone, p.data.image_size, data.mean, data.std, precision)
+        features, note = load_or_extract(
+            paths.FEATURES_FILE,
+            model.backbone,
+            p.data,
+            device,
+            meta,
+            precision=precision,
+            channels_last=p.resnet.channels_last,
+        )
         print(note)
     train_transfer(
         model,

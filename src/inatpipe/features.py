@@ -26,6 +26,7 @@ from inatpipe.data.transforms import BatchResize
 from inatpipe.params import DataParams
 from inatpipe.paths import FEATURES_SKIPPED, PREPARED_DIR, SPLIT_DIR, STATS_FILE
 from inatpipe.runtime import resolve_num_workers
+from inatpipe.training import autocast, to_device
 
 # The feature pass runs in eval mode, where the batch size changes nothing but speed; a param for it would make
 # DVC recompute identical features whenever it changed.
@@ -124,13 +125,22 @@ def subsets(data: DataParams, device: torch.device) -> Subsets:
 
 
 @torch.no_grad()
-def compute_features(backbone: nn.Module, loader: Iterable, device: torch.device, desc: str) -> tuple:
-    """(features, targets) of every sample of `loader`, in its order, through `backbone` in eval mode."""
+def compute_features(
+    backbone: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    desc: str,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> tuple:
+    """(features, targets) of every sample of `loader`, in its order, through `backbone` in eval mode, in the
+    precision and memory layout the full forward pass would use, so the head sees the features it would see there."""
     was_training = backbone.training
-    backbone.eval().to(device)
+    backbone.eval().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     features, targets = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
-        features.append(backbone(x.to(device)).float().cpu())
+        with autocast(device, precision):
+            features.append(backbone(to_device(x, device, channels_last)).float().cpu())
         targets.append(torch.as_tensor(y))
     backbone.train(was_training)
     return torch.cat(features), torch.cat(targets)
@@ -142,11 +152,16 @@ def extract(
     device: torch.device,
     meta: dict,
     paths: dict[str, list[str]] | None = None,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> BackboneFeatures:
     """One pass of `backbone` over each subset's loader; `paths` name the images behind the rows."""
     features, targets = {}, {}
     for subset, loader in loaders.items():
-        features[subset], targets[subset] = compute_features(backbone, loader, device, f"features {subset}")
+        features[subset], targets[subset] = compute_features(
+            backbone, loader, device, f"features {subset}", precision, channels_last
+        )
     return BackboneFeatures(features, targets, paths or {}, meta)
 
 
@@ -156,19 +171,30 @@ def write_skipped(reason: str, path: Path = FEATURES_SKIPPED) -> None:
     path.write_text(json.dumps({"skipped": True, "reason": reason}, indent=2) + "\n")
 
 
-def describe(arch: str, backbone: nn.Module, image_size: int, mean: list[float], std: list[float]) -> dict:
-    """What features depend on besides the images: reusing them takes all of it to be unchanged."""
+def describe(
+    arch: str, backbone: nn.Module, image_size: int, mean: list[float], std: list[float], precision: str
+) -> dict:
+    """What features depend on besides the images: reusing them takes all of it to be unchanged. `precision` is
+    the one the pass runs in, resolved (bf16 or fp32, never auto)."""
     return {
         "arch": arch,
         "fingerprint": weights_fingerprint(backbone),
         "image_size": image_size,
         "mean": list(mean),
         "std": list(std),
+        "precision": precision,
     }
 
 
 def load_or_extract(
-    path: Path, backbone: nn.Module, data: DataParams, device: torch.device, meta: dict
+    path: Path,
+    backbone: nn.Module,
+    data: DataParams,
+    device: torch.device,
+    meta: dict,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> tuple[BackboneFeatures, str]:
     """The stored features when they match `meta` and the current subsets, else one fresh pass of `backbone`
     (still far cheaper than a pass every epoch); returns them and a line saying which."""
@@ -178,4 +204,7 @@ def load_or_extract(
     if why is None:
         return stored, f"cached backbone features from {path} (backbone frozen, no augmentation): no backbone pass"
     note = f"cached backbone features: {path} can't serve ({why}); computing them once here"
-    return extract(backbone, current.loaders, device, meta, current.paths), note
+    features = extract(
+        backbone, current.loaders, device, meta, current.paths, precision=precision, channels_last=channels_last
+    )
+    return features, note
