@@ -6,7 +6,7 @@ of the project, and runs `dvc exp run evaluate@flexible -S ...` once per configu
 best validation accuracy and training minutes of each, beside the published figures and this benchmark's targets.
 
     apt-get install -y dataset-fashion-mnist      # the idx files, in /usr/share/datasets/fashion-mnist
-    .venv/bin/python benchmarks/fashion_mnist.py  # both configurations (about 45 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/fashion_mnist.py  # both configurations (about 35 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/fashion_mnist.py --only fast --source path/to/idx/folder
 
 Nothing in the library knows this dataset: each configuration is a plain params override, shown in full.
