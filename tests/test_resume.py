@@ -172,8 +172,8 @@ PARAMS = {
     # One loader worker: each epoch then starts fresh worker processes, whose seeds must come out the same too.
     "data": {"image_size": 16, "num_workers": 1},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
-    # A rate this high makes validation jumpy: the best epoch comes before the kill, so the resumed run must
-    # rewrite the best checkpoint from the weights the resume state kept, not from the current ones.
+    # A rate this high makes validation jumpy: the best epoch comes early, and the kill is placed after it, so the
+    # resumed run must rewrite the best checkpoint from the weights the resume state kept, not the current ones.
     "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 1.0e-1},
 }
 
@@ -240,8 +240,10 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(prepared: Project
     assert "resuming" not in out and not (reference.root / STATE).exists()
     ref_metrics, ref_curves, ref_ckpt = results(reference)
 
+    best = ref_ckpt["extra"]["epoch"]
+    assert best + 1 < EPOCHS, f"best epoch {best} leaves no room for a kill after it: retune PARAMS"
     p = copy_of(prepared, tmp_path / "killed")
-    killed_at = kill_after_epoch(p, 3)
+    killed_at = kill_after_epoch(p, best + 1)
     # DVC's lock names the killed process; DVC finds it gone and clears the lock itself, so a plain rerun works.
     out = p.dvc("repro", "train_flexible").stdout
     resumed_from = int(out.split("resuming from epoch ")[1].split()[0])
