@@ -5,7 +5,7 @@ images of generated iNaturalist-like JPEGs with the pipeline's own loaders (augm
 on the batch) and `inatpipe.training.train_one_epoch`. Each setting gets a fresh model, one warm-up epoch and one
 timed epoch; the share of the timed epoch spent waiting for the next batch is the data wait.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/training_throughput.py [--images 192] [--batch-size 32]
+    PYTHONPATH=src .venv/bin/python benchmarks/training_throughput.py [--images 192] [--batch-size 32] [--settings ...]
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ REPORT_CNN = {
     "batch_norm": True,
     "dense_neurons": 512,
 }
-SETTINGS = {  # name: (precision, channels_last)
-    "fp32": ("fp32", False),
-    "channels_last": ("fp32", True),
-    "bf16": ("bf16", False),
-    "bf16 + channels_last": ("bf16", True),
+SETTINGS = {  # name: (precision, channels_last, torch.compile)
+    "fp32": ("fp32", False, False),
+    "channels_last": ("fp32", True, False),
+    "bf16": ("bf16", False, False),
+    "bf16 + channels_last": ("bf16", True, False),
+    "bf16 + channels_last + compile": ("bf16", True, True),
 }
 
 
@@ -66,16 +67,17 @@ class Timed:
 
 def run(setting: str, loader, num_classes: int, device: torch.device) -> tuple[float, float]:
     """(images/s, share of time waiting for data) of the timed epoch."""
-    precision, channels_last = SETTINGS[setting]
+    precision, channels_last, compile = SETTINGS[setting]
     seed_everything(0)
     model = build_model("flexible_cnn", num_classes, REPORT_CNN)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     args = (optimizer, nn.CrossEntropyLoss(), device)
-    train_one_epoch(model, loader, *args, precision=precision, channels_last=channels_last)  # warm-up
+    net = torch.compile(model) if compile else model  # as fit runs it with `compile: true`
+    train_one_epoch(net, loader, *args, precision=precision, channels_last=channels_last)  # warm-up (and compile)
     timed = Timed(loader)
     start = time.perf_counter()
-    loss, _, _ = train_one_epoch(model, timed, *args, precision=precision, channels_last=channels_last)
+    loss, _, _ = train_one_epoch(net, timed, *args, precision=precision, channels_last=channels_last)
     seconds = time.perf_counter() - start
     assert torch.isfinite(torch.tensor(loss)), f"{setting}: loss {loss}"
     return len(loader.dataset) / seconds, timed.wait / seconds
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="auto", help="loader processes (auto: as data.num_workers: auto)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="fp32 always runs")
     args = parser.parse_args()
     device = choose_device(args.device)
     workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
@@ -105,17 +108,18 @@ def main() -> None:
             device=device,
         )
         loader = NormalizedLoader(loader, [0.47, 0.46, 0.39], [0.24, 0.23, 0.25], device)
-        results = {setting: run(setting, loader, len(classes), device) for setting in SETTINGS}
+        chosen = ["fp32", *(name for name in args.settings if name != "fp32")]  # the baseline of every ratio
+        results = {setting: run(setting, loader, len(classes), device) for setting in chosen}
 
     print(
         f"FlexibleCNN 5x64 filters, kernel 5, batch norm, dense 512, {SIZE} px, batch {args.batch_size}, "
         f"{args.images} images per epoch, {workers} loader workers, {device}, {usable_cores()} usable cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"{'setting':<24}{'images/s':>10}{'vs fp32':>9}{'data wait':>11}")
+    print(f"{'setting':<32}{'images/s':>10}{'vs fp32':>9}{'data wait':>11}")
     base = results["fp32"][0]
     for setting, (rate, wait) in results.items():
-        print(f"{setting:<24}{rate:>10.1f}{rate / base:>8.2f}x{wait:>10.1%}")
+        print(f"{setting:<32}{rate:>10.1f}{rate / base:>8.2f}x{wait:>10.1%}")
 
 
 if __name__ == "__main__":
