@@ -7,6 +7,7 @@ and decide what to do with each epoch's metrics (early stopping included).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,9 +40,14 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware: a CPU with AVX-512 BF16 or AMX, a GPU from Ampere on. Elsewhere
     bf16 is emulated, slower than fp32."""
-    if device.type == "cuda":
+    return _native_bf16(device.type)
+
+
+@functools.cache  # autocast asks on every batch; the hardware does not change during a run
+def _native_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
+    if device_type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
