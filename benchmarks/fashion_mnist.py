@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from inatpipe.scaffold import copy_pipeline
+from inatpipe.scaffold import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_FILES = Path("/usr/share/datasets/fashion-mnist")
@@ -123,11 +123,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fashion_mnist_"))
     folder, project = work / "fashion_mnist", work / "project"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(project / "src"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = pipeline_env(project)
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, cwd=project, env=env, text=True, capture_output=True)

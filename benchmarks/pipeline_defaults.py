@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inatpipe.scaffold import copy_pipeline
+from inatpipe.scaffold import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
@@ -39,11 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "project"
         copy_pipeline(ROOT, work, user="bench")
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(work / "src"),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        }
+        env = pipeline_env(work)
 
         def run(*cmd: str) -> None:
             subprocess.run(cmd, cwd=work, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

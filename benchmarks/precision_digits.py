@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from inatpipe.scaffold import copy_pipeline, pipeline_env
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from inatpipe.scaffold import copy_pipeline  # noqa: E402
 
 SETTINGS = {
     "fp32": {"train.precision": "fp32", "train.channels_last": "false", "evaluate.precision": "fp32"},
@@ -37,11 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "project"
         copy_pipeline(ROOT, work, user="bench")
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(work / "src"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
+        env = pipeline_env(work)
 
         def run(*cmd: str) -> None:
             result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inatpipe.scaffold import copy_pipeline
+from inatpipe.scaffold import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ("-S", "model.kernel_size=5,7", "-S", "model.activation=ReLU,GELU")
@@ -30,12 +30,7 @@ GRID = ("-S", "model.kernel_size=5,7", "-S", "model.activation=ReLU,GELU")
 class Copy:
     def __init__(self, work: Path):
         self.work = work
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(work / "src"),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1",
-        }
+        self.env = pipeline_env(work)
         self.env.pop("INATPIPE_THREADS", None)
 
     def run(self, *cmd: str, env: dict | None = None) -> str:

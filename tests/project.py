@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from inatpipe.scaffold import copy_pipeline
+from inatpipe.scaffold import copy_pipeline, pipeline_env
 
 from .conftest import ROOT, write_dataset
 
@@ -27,12 +26,7 @@ SMALL_PARAMS = {
 class Project:
     def __init__(self, root: Path):
         self.root = root
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(root / "src"),  # stages import this copy's library, not the installed one
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1",
-        }
+        self.env = pipeline_env(root)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)

@@ -3,6 +3,7 @@ the real CLIs while the workspace, its metrics, experiments and DVC cache stay u
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,17 @@ def copy_pipeline(source: Path, dest: Path, user: str = "inatpipe") -> None:
     _run(dest, "git", "config", "user.email", f"{user}@example.com")
     _run(dest, sys.executable, "-m", "dvc", "init", "-q")
     shutil.copy(source / ".dvc" / "config", dest / ".dvc" / "config")
+
+
+def pipeline_env(dest: Path) -> dict[str, str]:
+    """The environment to run commands in the copy at `dest` with: its stages import the copy's own library (not
+    the installed one), `python` and `dvc` are this interpreter's, and DVC sends no analytics."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(dest / "src"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def _run(cwd: Path, *cmd: str) -> None:
