@@ -10,8 +10,8 @@ export PATH := $(BIN):$(PATH)
 run: $(VENV)/installed data  ## install, materialise data/, run the whole pipeline
 	dvc repro
 
-test: $(VENV)/installed  ## install and run the test suite
-	pytest
+test: $(VENV)/installed  ## install and run the test suite, on every core, printing the 15 slowest tests
+	pytest -n auto --dist loadgroup --durations=15
 
 data: $(VENV)/installed  ## data/ from a DVC remote, else the embedded sample (no network needed)
 	inatpipe data setup

@@ -2,8 +2,9 @@
 
 The report's loop runs the full forward pass through the frozen backbone over every image in every epoch; the
 cached path runs the backbone once over train and val, then trains the head on the stored features. Both use the
-library's own code (transfer.py, features.py, the same `fit` loop, optimizer and schedule) from the same initial
-weights. Prints both times (the cached one includes its feature pass), the ratio, and both final val accuracies.
+library's own code (training/transfer.py, training/features.py, the same `fit` loop, optimizer and schedule) from
+the same initial weights. Prints both times (the cached one includes its feature pass), the ratio, and both final
+val accuracies.
 
     .venv/bin/python benchmarks/cached_features.py                    # resnet50, 300 images of 64x64, 20 epochs
     .venv/bin/python benchmarks/cached_features.py --arch resnet18 --images 100 --epochs 2   # a quick look
@@ -26,15 +27,16 @@ import torch
 import yaml
 from PIL import Image
 
-from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
-from inatpipe.data.stats import channel_stats
-from inatpipe.data.transforms import eval_transform, to_tensor
-from inatpipe.features import extract
+from inatpipe.data.prepared import PreparedDataset, prepare
+from inatpipe.data.stats import compute_stats
+from inatpipe.data.transforms import BatchResize
 from inatpipe.models.resnet import TransferResNet
 from inatpipe.params import parse_params
 from inatpipe.runtime import seed_everything
-from inatpipe.transfer import feature_loaders, finetune_history, finetuning_steps, head_history
+from inatpipe.training.features import extract
+from inatpipe.training.transfer import feature_loaders, finetune_history, finetuning_steps, head_history
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 5
@@ -57,18 +59,25 @@ def write_images(root: Path, per_class: int, size: int, seed: int = 0) -> None:
 
 
 def loaders(folder: Path, size: int, batch_size: int, seed: int):
-    """Train and val loaders over a stratified 80/20 split, normalised with the train statistics, no augmentation;
-    both share one generator, as in train_resnet."""
+    """Train and val loaders over a stratified 80/20 split of the prepared images (as the pipeline reads them),
+    normalised with the train statistics, no augmentation; both share one generator, as in train_resnet."""
     index = scan_folder(folder)
     val_mask = index.groupby("label").cumcount() % 5 == 0
-    train_index, val_index = index[~val_mask], index[val_mask]
     classes = sorted(set(index["label"]))
-    mean, std = channel_stats(IndexDataset(train_index, classes, to_tensor(size)))
-    transform = eval_transform(size, mean, std)
+    prepared = folder.parent / f"prepared-{size}"
+    if not (prepared / "meta.json").is_file():
+        prepare({"train": index[~val_mask], "val": index[val_mask]}, classes, size, prepared)
+    stats = compute_stats(prepared, size)
     generator = torch.Generator().manual_seed(seed)
-    train = make_loader(IndexDataset(train_index, classes, transform), batch_size, shuffle=True, generator=generator)
-    val = make_loader(IndexDataset(val_index, classes, transform), batch_size, generator=generator)
-    return train, val, generator
+    cpu = torch.device("cpu")
+
+    def loader(subset: str, shuffle: bool) -> NormalizedLoader:
+        dataset = PreparedDataset(prepared, subset, BatchResize(size))
+        return NormalizedLoader(
+            make_loader(dataset, batch_size, shuffle=shuffle, generator=generator), stats["mean"], stats["std"], cpu
+        )
+
+    return loader("train", True), loader("val", False), generator
 
 
 def main() -> None:
@@ -89,20 +98,26 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_images(Path(tmp), args.images // CLASSES, args.size)
+        write_images(Path(tmp) / "images", args.images // CLASSES, args.size)
+        loaders(Path(tmp) / "images", args.size, recipe.batch_size, seed=1)  # prepared once, before timing
         seed_everything(0)
         report = TransferResNet(CLASSES, args.arch)
         cached = copy.deepcopy(report)
 
-        train, val, _ = loaders(Path(tmp), args.size, recipe.batch_size, seed=1)
+        train, val, _ = loaders(Path(tmp) / "images", args.size, recipe.batch_size, seed=1)
         start = time.perf_counter()
         steps = finetuning_steps(report, recipe, len(train), cpu)
         slow = list(finetune_history(report, recipe, steps, train, val, cpu))
         slow_seconds = time.perf_counter() - start
 
-        train, val, generator = loaders(Path(tmp), args.size, recipe.batch_size, seed=1)
+        train, val, generator = loaders(Path(tmp) / "images", args.size, recipe.batch_size, seed=1)
         start = time.perf_counter()
-        unshuffled = {"train": make_loader(train.dataset, 64), "val": make_loader(val.dataset, 64)}
+        unshuffled = {
+            subset: NormalizedLoader(
+                make_loader(loader.dataset, 64), loader.mean.flatten().tolist(), loader.std.flatten().tolist(), cpu
+            )
+            for subset, loader in (("train", train), ("val", val))
+        }
         # the backbone pass in the recipe's precision and layout, as the report's loop runs it
         features = extract(
             cached.backbone, unshuffled, cpu, meta={}, precision=recipe.precision, channels_last=recipe.channels_last

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from inatpipe.scaffold import copy_pipeline, pipeline_env
+from inatpipe.testing import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_FILES = Path("/usr/share/datasets/fashion-mnist")

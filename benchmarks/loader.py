@@ -20,11 +20,11 @@ from synthetic import write_jpegs
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from inatpipe.cores import usable_cores
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, prepare
 from inatpipe.data.transforms import BatchAugment, BatchResize
-from inatpipe.runtime import usable_cores
 
 SIZE = 224
 BATCH = 32

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inatpipe.scaffold import copy_pipeline, pipeline_env
+from inatpipe.testing import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from inatpipe.scaffold import copy_pipeline, pipeline_env
+from inatpipe.testing import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

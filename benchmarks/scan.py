@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inatpipe.cores import usable_cores
 from inatpipe.data.images import open_rgb
-from inatpipe.data.scan import available_cores, check_image, scan_folders
+from inatpipe.data.scan import check_image, scan_folders
 
 CLASSES = 10
 
@@ -55,7 +56,7 @@ def main() -> None:
         write_photos(root, n)
         files = sorted(str(f) for f in root.rglob("*.jpg"))
         mb = sum(Path(f).stat().st_size for f in files) / 1e6
-        cores = available_cores()
+        cores = usable_cores()
         print(f"{n} JPEGs, 500-800 px, {mb / n * 1000:.0f} kB each on average; {cores} cores available")
         assert all(check_image(f) is None for f in files)  # also brings every file into the page cache
         subset = files[: min(n, 300)]

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inatpipe.scaffold import copy_pipeline, pipeline_env
+from inatpipe.testing import copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ("-S", "model.kernel_size=5,7", "-S", "model.activation=ReLU,GELU")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from inatpipe.runtime import usable_cores
+from inatpipe.cores import usable_cores
 
 
 def _write(args: tuple[Path, int]) -> None:

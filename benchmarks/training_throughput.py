@@ -19,13 +19,14 @@ import torch
 from synthetic import write_jpegs
 from torch import nn
 
+from inatpipe.cores import loader_workers, usable_cores
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, prepare
 from inatpipe.data.transforms import BatchAugment
 from inatpipe.models import build_model
-from inatpipe.runtime import choose_device, resolve_num_workers, seed_everything, usable_cores
-from inatpipe.training import train_one_epoch
+from inatpipe.runtime import choose_device, seed_everything
+from inatpipe.training.loop import train_one_epoch
 
 SIZE = 224
 REPORT_CNN = {
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="fp32 always runs")
     args = parser.parse_args()
     device = choose_device(args.device)
-    workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
+    workers = loader_workers(args.workers if args.workers == "auto" else int(args.workers))
     with tempfile.TemporaryDirectory() as tmp:
         index = scan_folder(write_jpegs(Path(tmp) / "jpegs", args.images))
         classes = sorted(index["label"].unique())

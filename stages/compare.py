@@ -3,16 +3,15 @@ reads first, reports/compare.md, with its bar chart."""
 
 from inatpipe import paths
 from inatpipe.atomic import write_json, write_text
-from inatpipe.compare import compare_models, report_markdown, to_markdown
 from inatpipe.errors import UserError, exit_on_user_error
-from inatpipe.params import load_params
-from inatpipe.reports import comparison_bars
+from inatpipe.evaluation.compare import compare_models, report_markdown, to_markdown
+from inatpipe.evaluation.figures import comparison_bars
+from inatpipe.params import Params, load_params
 
 BARS = "compare_bars.png"
 
 
-def main() -> None:
-    p = load_params()
+def run(p: Params) -> None:
     rows = compare_models(
         {name: paths.train_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
         {name: paths.eval_metrics_dir(name) / "metrics.json" for name in paths.MODEL_NAMES},
@@ -35,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: run(load_params()))

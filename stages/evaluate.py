@@ -1,25 +1,23 @@
-"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-class table, confusion matrix,
-calibration, and the images under reports/<model>/."""
+"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-image predictions, per-class
+table, confusion matrix, calibration, and the images under reports/<model>/."""
 
 import sys
 
+import numpy as np
 from dvclive import Live
 
 from inatpipe import paths
-from inatpipe.atomic import write_json
+from inatpipe.atomic import atomic_open, write_json
+from inatpipe.cores import loader_workers
 from inatpipe.data.index import read_index
 from inatpipe.errors import UserError, exit_on_user_error
-from inatpipe.evaluation import evaluate_checkpoint
-from inatpipe.params import load_params
-from inatpipe.reports import write_model_report
-from inatpipe.runtime import choose_device, configure_threads, resolve_num_workers
+from inatpipe.evaluation.figures import write_model_report
+from inatpipe.evaluation.metrics import evaluate_checkpoint, predictions_table
+from inatpipe.params import Params, load_params
+from inatpipe.runtime import choose_device, configure_threads
 
 
-def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in paths.MODEL_NAMES:
-        raise UserError(f"usage: python stages/evaluate.py {{{','.join(paths.MODEL_NAMES)}}}")
-    name = sys.argv[1]
-    p = load_params()
+def run(p: Params, name: str) -> None:
     device = choose_device(p.device)
     configure_threads()
     test = read_index(paths.SPLIT_DIR / "test.csv")
@@ -27,9 +25,9 @@ def main() -> None:
         paths.checkpoint(name),
         paths.PREPARED_DIR,
         p.evaluate.batch_size,
-        resolve_num_workers(p.data.num_workers),
         device,
         p.evaluate.precision,
+        loader_workers(),  # the metrics do not depend on it: no param for it
     )
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
@@ -39,15 +37,21 @@ def main() -> None:
         }
         names = [classes[i] for i in pred.targets], [classes[i] for i in pred.predicted]
         live.log_sklearn_plot("confusion_matrix", *names, name="confusion_matrix.json")
-    per_class = [{"class": c, **scores} for c, scores in m["per_class"].items()]
-    write_json(out / "per_class.json", per_class)
-    write_model_report(
-        paths.report_dir(name), name, m, test["path"].tolist(), pred.targets, pred.predicted, pred.confidence, classes
-    )
+    write_json(out / "per_class.json", [{"class": c, **scores} for c, scores in m["per_class"].items()])
+    with atomic_open(out / "predictions.csv") as f:
+        predictions_table(pred, classes, test["path"].tolist()).to_csv(f, index=False, lineterminator="\n")
+    images = np.load(paths.PREPARED_DIR / "test.npy", mmap_mode="r")  # the test images as the model saw them
+    write_model_report(paths.report_dir(name), name, m, images, pred.targets, pred.predicted, pred.confidence, classes)
     print(
         f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
         f"ECE {m['ece']:.4f}; images in {paths.report_dir(name)}/"
     )
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in paths.MODEL_NAMES:
+        raise UserError(f"usage: python stages/evaluate.py {{{','.join(paths.MODEL_NAMES)}}}")
+    run(load_params(), sys.argv[1])
 
 
 if __name__ == "__main__":

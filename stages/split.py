@@ -9,12 +9,11 @@ from inatpipe.data.index import write_classes, write_index
 from inatpipe.data.scan import scan_dataset
 from inatpipe.data.split import check_class_folders, check_test_classes, stratified_split
 from inatpipe.errors import exit_on_user_error
-from inatpipe.params import load_params
+from inatpipe.params import Params, load_params
 from inatpipe.paths import DATA_REPORT, SPLIT_DIR
 
 
-def main() -> None:
-    p = load_params()
+def run(p: Params) -> None:
     root = Path(p.data.root)
     folders = [root / p.data.train_dir, root / p.data.test_dir]
     train_scan, test_scan = scan_dataset(folders, p.data.max_bad_fraction, DATA_REPORT)
@@ -35,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(lambda: run(load_params()))

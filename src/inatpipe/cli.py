@@ -7,98 +7,35 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from inatpipe.atomic import write_text
-from inatpipe.dvc_cli import run_dvc
 from inatpipe.errors import UserError, exit_on_user_error
 
 DATA = Path("data")
 
 
-def _track(out: Path) -> None:
-    """`dvc add` the data: data.dvc records it and the DVC cache holds it, where queued experiments check it out."""
-    if not Path(".dvc").is_dir():
-        print(f"not in a DVC project; run `dvc add {out}` yourself to track {out}/")
-        return
-    run_dvc("add", str(out))
-    print(f"{out}/ is tracked by {out}.dvc; commit it with: git add {out}.dvc && git commit -m 'Update data'")
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     from inatpipe.data.sample import build_digits_sample
+    from inatpipe.data.setup import track
 
     n = build_digits_sample(args.out)
     print(f"wrote {n} images of the embedded digits sample to {args.out}/")
     if args.track:
-        _track(args.out)
+        track(args.out)
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
     from inatpipe.data.fetch import fetch_dataset
+    from inatpipe.data.setup import track
 
     out = fetch_dataset(args.source, args.out, force=args.force, sha256=args.sha256)
     print(f"dataset ready in {out}/")
     if args.track:
-        _track(out)
+        track(out)
 
 
 def cmd_setup(args: argparse.Namespace) -> None:
-    """Make data/ exist without network: keep it, else restore it from the DVC cache or a remote, else build the sample.
+    from inatpipe.data.setup import setup
 
-    data.dvc is only rewritten when it records nothing else: a committed data.dvc for another dataset is kept.
-    """
-    from inatpipe.data.sample import build_digits_sample
-
-    if DATA.is_dir():
-        print(f"{DATA}/ is present; leaving it as it is")
-        return
-    tracked = Path(f"{DATA}.dvc")
-    if tracked.is_file():
-        if run_dvc("checkout", str(tracked), check=False).returncode == 0 and DATA.is_dir():
-            print(f"restored {DATA}/ from the DVC cache")
-            return
-        if run_dvc("remote", "list", check=False).stdout.strip():
-            if run_dvc("pull", str(tracked), check=False).returncode == 0 and DATA.is_dir():
-                print(f"pulled {DATA}/ from the DVC remote")
-                return
-            print(f"dvc pull did not bring {DATA}/; building the embedded sample instead")
-    n = build_digits_sample(DATA)
-    print(f"wrote {n} images of the embedded digits sample to {DATA}/")
-    if not (tracked.is_file() and Path(".dvc").is_dir()):
-        _track(DATA)
-        return
-    if not _matches_record(tracked):
-        print(
-            f"warning: {tracked} records other data than the embedded sample, and neither the DVC cache nor a remote "
-            f"has it; {tracked} is left unchanged. Get that data (`inatpipe data fetch --force ...`) or track the "
-            f"sample with `dvc add {DATA}`."
-        )
-        return
-    run_dvc("commit", "--force", "--quiet", str(tracked))
-    print(f"{DATA}/ is the data {tracked} records; it is now in the DVC cache")
-
-
-def _matches_record(tracked: Path) -> bool:
-    """Whether data/ hashes, by DVC's own reckoning, to the md5 that `tracked` records.
-
-    `dvc status` can't tell: without a cached copy it says "not in cache" whether or not the data differ. So hash
-    data/ with `dvc add --no-commit` (which fills no cache) and put the recorded file back exactly as it was.
-    """
-    recorded = tracked.read_text()
-    try:
-        run_dvc("add", "--no-commit", "--quiet", str(DATA))
-        built = _recorded_md5(tracked.read_text())
-    finally:
-        write_text(tracked, recorded)  # atomic: a kill here must not leave the user's data.dvc half-written
-    return built is not None and built == _recorded_md5(recorded)
-
-
-def _recorded_md5(text: str) -> str | None:
-    try:
-        return yaml.safe_load(text)["outs"][0]["md5"]
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        return None
+    setup(DATA)
 
 
 def _load(model: Path, device: str = "cpu"):
@@ -113,11 +50,11 @@ def _load(model: Path, device: str = "cpu"):
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from inatpipe.predict import collect_images, format_prediction, predict_files, write_csv
+    from inatpipe.evaluation.predict import collect_images, format_prediction, predict_files, write_csv
 
     model, meta, device = _load(args.model, args.device)
     files = collect_images(args.inputs)
-    predictions = predict_files(model, meta, files, args.top_k, args.batch_size, device)
+    predictions = predict_files(model, meta, files, args.top_k, args.batch_size, device, args.precision)
     for pred in predictions:
         print(format_prediction(pred))
     skipped = len(files) - len(predictions)
@@ -129,14 +66,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from inatpipe.inspection import describe
+    from inatpipe.evaluation.inspection import describe
 
     model, meta, _ = _load(args.model)
     print(describe(model, meta))
 
 
 def cmd_filters(args: argparse.Namespace) -> None:
-    from inatpipe.inspection import filters_figure, guided_backprop_figure
+    from inatpipe.evaluation.inspection import filters_figure, guided_backprop_figure
 
     model, meta, _ = _load(args.model)
     out = args.out or Path(f"{args.model.stem}_filters.png")
@@ -147,7 +84,7 @@ def cmd_filters(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_queue(args: argparse.Namespace) -> None:
-    from inatpipe.sweep import queue_sweep
+    from inatpipe.sweep.space import queue_sweep
 
     queued = queue_sweep(
         args.space, Path("params.yaml"), args.n, args.seed, args.name or f"rs{args.seed}", args.stage, args.dry_run
@@ -162,14 +99,14 @@ def cmd_sweep_queue(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> None:
-    from inatpipe.sweep_report import write_sweep_report
+    from inatpipe.sweep.report import write_sweep_report
 
     report = write_sweep_report(args.out, all_commits=args.all_commits)
     print(report.summary())
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from inatpipe.sweep import SPACE_FILE
+    from inatpipe.sweep.space import SPACE_FILE
 
     sweep = sub.add_parser("sweep", help="random search and sweep reports over DVC experiments")
     commands = sweep.add_subparsers(dest="sweep_command", required=True)
@@ -233,6 +170,12 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    predict.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast of the forward pass, as evaluate.precision (default: auto)",
+    )
     predict.set_defaults(func=cmd_predict)
 
     inspect = sub.add_parser("inspect", help="architecture, per-layer output shapes and parameter counts")

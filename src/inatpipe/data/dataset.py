@@ -1,59 +1,11 @@
-"""A dataset over an index file's rows, and the loader settings every stage shares."""
+"""The loader settings every stage shares, and normalisation of uint8 batches on the device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from inatpipe.data.images import open_rgb
-from inatpipe.errors import UserError
-
-
-class IndexDataset(Dataset):
-    """Images listed in an index (path, label); labels become class indices in the order of `classes`.
-
-    Every image is read as 8-bit RGB by `open_rgb`, whatever its mode, and upright as its EXIF tag says.
-    """
-
-    def __init__(
-        self,
-        index: pd.DataFrame,
-        classes: list[str],
-        transform: Callable | None = None,
-        draft_size: tuple[int, int] | None = None,
-    ):
-        class_to_idx = {name: i for i, name in enumerate(classes)}
-        unknown = sorted(set(index["label"]) - set(class_to_idx))
-        if unknown:
-            raise UserError(
-                f"index lists class {unknown[0]!r}, which is not among the split's classes; rerun `dvc repro`"
-            )
-        self.paths = index["path"].tolist()
-        self.targets = [class_to_idx[label] for label in index["label"]]
-        self.transform = transform
-        self.draft_size = draft_size  # decode JPEGs at reduced scale, no smaller than this (see open_rgb)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[i]
-        try:
-            img = open_rgb(path, self.draft_size)
-        except FileNotFoundError:
-            raise UserError(
-                f"{path} is listed in the index but missing; rerun `dvc repro` after changing data/"
-            ) from None
-        except OSError as e:  # PIL's UnidentifiedImageError is one too
-            # Split left out every unreadable file, so this one changed since; stop rather than silently train on a
-            # different set than the index (and DVC) record. `dvc repro` reruns split, which then leaves it out.
-            raise UserError(
-                f"{path} is not a readable image ({e}); it changed after `split` ran: rerun `dvc repro`"
-            ) from None
-        return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 def make_loader(
@@ -81,13 +33,25 @@ def make_loader(
         dataset,
         **order,
         num_workers=num_workers,
-        generator=generator,
+        # Iterating a loader draws its workers' base seed from this generator; without one of its own it would draw
+        # from torch's global generator and shift the random numbers of a seeded run that builds it.
+        generator=generator if generator is not None else torch.Generator(),
         pin_memory=device is not None and device.type == "cuda",
         # Not persistent: each epoch then starts fresh workers seeded from `generator`, so an epoch's augmentation
         # depends only on the generator's state, which a resume state saves. Persistent workers would carry RNG
         # states from epoch to epoch that no resume state can capture, and a resumed run would draw other crops.
         persistent_workers=False,
     )
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch (n, 3, h, w) scaled to [0, 1] and normalised per channel, as float32 on x's device; equal to
+    ToDtype(float32, scale=True) then Normalize(mean, std) per image. `mean`, `std`: (1, 3, 1, 1) there."""
+    return x.float().div_(255).sub_(mean).div_(std)
+
+
+def channel_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 class NormalizedLoader:
@@ -102,8 +66,7 @@ class NormalizedLoader:
     def __init__(self, loader: DataLoader, mean: Sequence[float], std: Sequence[float], device: torch.device):
         self.loader = loader
         self.device = device
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.mean, self.std = channel_tensor(mean, device), channel_tensor(std, device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -115,5 +78,4 @@ class NormalizedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
-            yield x, y
+            yield normalize(x.to(self.device, non_blocking=True), self.mean, self.std), y

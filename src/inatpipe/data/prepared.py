@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open, write_json
-from inatpipe.data.dataset import IndexDataset
+from inatpipe.data.dataset import make_loader
+from inatpipe.data.images import open_rgb
 from inatpipe.errors import UserError
 
 SUBSETS = ("train", "val", "test")
@@ -42,34 +43,61 @@ def decode(img: Image.Image, side: int) -> np.ndarray:
     return np.array(img.resize((side, side), Image.Resampling.BILINEAR))
 
 
-class _Decoded(Dataset):
-    """The originals of an index, each decoded at reduced JPEG scale and resized to a square of `side`."""
+def prepare_image(path: str | Path, image_size: int) -> np.ndarray:
+    """One image file as `prepare` stores it for `image_size`: decoded by `open_rgb` (a JPEG at reduced scale) and
+    resized to the prepared square. Predictions on files go through this, so they see what evaluation saw."""
+    side = prepared_side(image_size)
+    return decode(open_rgb(path, draft_size=(side, side)), side)
 
-    def __init__(self, index: pd.DataFrame, classes: list[str], side: int):
-        self.images = IndexDataset(index, classes, draft_size=(side, side))
-        self.side = side
+
+class IndexImages(Dataset):
+    """The images an index (path, label) lists, each read as `prepare_image` reads it, with its class index (in the
+    order of `classes`): what `prepare` stores."""
+
+    def __init__(self, index: pd.DataFrame, classes: list[str], image_size: int):
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(index["label"]) - set(class_to_idx))
+        if unknown:
+            raise UserError(
+                f"index lists class {unknown[0]!r}, which is not among the split's classes; rerun `dvc repro`"
+            )
+        self.paths = index["path"].tolist()
+        self.targets = [class_to_idx[label] for label in index["label"]]
+        self.image_size = image_size
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        img, label = self.images[i]
-        return decode(img, self.side), label
+        path = self.paths[i]
+        try:
+            return prepare_image(path, self.image_size), self.targets[i]
+        except FileNotFoundError:
+            raise UserError(
+                f"{path} is listed in the index but missing; rerun `dvc repro` after changing data/"
+            ) from None
+        except OSError as e:  # PIL's UnidentifiedImageError is one too
+            # Split left out every unreadable file, so this one changed since; stop rather than silently train on a
+            # different set than the index (and DVC) record. `dvc repro` reruns split, which then leaves it out.
+            raise UserError(
+                f"{path} is not a readable image ({e}); it changed after `split` ran: rerun `dvc repro`"
+            ) from None
 
 
 def prepare_subset(
-    index: pd.DataFrame, classes: list[str], side: int, folder: Path, name: str, num_workers: int = 0
+    index: pd.DataFrame, classes: list[str], image_size: int, folder: Path, name: str, num_workers: int = 0
 ) -> int:
     """Write folder/<name>.npy (uint8, (n, side, side, 3)) and folder/<name>_labels.npy (int64 class indices)."""
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = _Decoded(index, classes, side)
+    dataset = IndexImages(index, classes, image_size)
+    side = prepared_side(image_size)
     target = folder / f"{name}.npy"
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     # Written in place through a memory map (a subset may not fit in memory), then renamed: never half a file.
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), side, side, 3))
     labels = np.empty(len(dataset), dtype=np.int64)
     try:
-        loader = DataLoader(dataset, batch_size=64, num_workers=num_workers)
+        loader = make_loader(dataset, 64, num_workers=num_workers)
         start = 0
         for x, y in tqdm(loader, desc=f"prepare {name}", unit="batch", disable=None, leave=False):
             images[start : start + len(y)] = x.numpy()
@@ -92,7 +120,9 @@ def prepare(
 ) -> dict:
     """Prepare every subset of `indexes` and write folder/meta.json; returns the metadata."""
     side = prepared_side(image_size)
-    counts = {name: prepare_subset(index, classes, side, folder, name, num_workers) for name, index in indexes.items()}
+    counts = {
+        name: prepare_subset(index, classes, image_size, folder, name, num_workers) for name, index in indexes.items()
+    }
     meta = {"image_size": image_size, "side": side, "classes": classes, "counts": counts}
     write_json(folder / META, meta)
     return meta

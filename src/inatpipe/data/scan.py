@@ -19,6 +19,7 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from inatpipe.atomic import write_json
+from inatpipe.cores import usable_cores
 from inatpipe.data.images import is_image_name, open_rgb
 from inatpipe.data.index import HOW_TO_GET_DATA
 from inatpipe.errors import UserError
@@ -51,14 +52,6 @@ class FolderScan:
     @property
     def index(self) -> pd.DataFrame:
         return pd.DataFrame(self.images, columns=["path", "label"])
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (a container's or taskset's limit, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def check_image(path: str) -> str | None:
@@ -147,7 +140,7 @@ def scan_folders(folders: list[Path], workers: int | None = None) -> list[Folder
     """Scan each folder/<class>/ once, decoding every image-named file in parallel across `workers` processes."""
     scans = [FolderScan(folder) for folder in folders]
     candidates = [(scan, path, label) for scan in scans for path, label in _walk(scan.folder, scan)]
-    workers = available_cores() if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     paths = [path for _, path, _ in candidates]
     results = _checked(paths, workers)
     bar = tqdm(results, total=len(paths), desc="checking images", unit="file", disable=None, leave=False)

@@ -1,20 +1,17 @@
-"""Train and eval transform presets, side by side so their differences are easy to see.
+"""Train and eval transforms, side by side so their differences are easy to see.
 
-Two kinds. `BatchResize` and `BatchAugment` take a whole batch of prepared uint8 images, (n, 3, side, side), and
-return uint8 batches at the training size: one vectorised operation per batch instead of a Python call per image
-(what makes small images cheap to load). Loaders over prepared images use them and leave scaling and normalisation to
-the batch on the device (`NormalizedLoader`). `resize`, `augment` and the full presets work on single PIL images,
-for files read one by one (predict, inspect, the raw-image path).
+`BatchResize` (evaluation) and `BatchAugment` (training) take a whole batch of prepared uint8 images,
+(n, 3, side, side), and return uint8 batches at the training size: one vectorised operation per batch instead of a
+Python call per image (what makes small images cheap to load). Scaling and normalisation follow on the device
+(`dataset.normalize`). Predictions on image files go through the same two steps (evaluation/predict.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 
 class BatchResize:
@@ -66,46 +63,3 @@ class BatchAugment:
         grid = torch.stack([a * u + b * v + cx.view(-1, 1, 1), c * u + d * v + cy.view(-1, 1, 1)], dim=-1)
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.add_(0.5).to(torch.uint8)  # round: bilinear weights keep values within [0, 255]
-
-
-def resize(image_size: int) -> v2.Compose:
-    """Resize to a square: the common head of every preset; an RGB image in, a uint8 tensor out."""
-    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), v2.ToImage()])
-
-
-def augment(image_size: int, *, hflip: bool, rotation: float, crop_scale: float) -> v2.Compose:
-    """Random resized crop, optional horizontal flip and rotation; an RGB image in, a uint8 tensor out."""
-    steps: list = [v2.RandomResizedCrop((image_size, image_size), scale=(crop_scale, 1.0), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if rotation > 0:
-        steps.append(v2.RandomRotation(rotation))
-    return v2.Compose([*steps, v2.ToImage()])
-
-
-def to_tensor(image_size: int) -> v2.Compose:
-    """Resize to a square and scale to [0, 1]: what `stats` measures."""
-    return v2.Compose([resize(image_size), v2.ToDtype(torch.float32, scale=True)])
-
-
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return v2.Compose([to_tensor(image_size), v2.Normalize(mean, std)])
-
-
-def train_transform(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    hflip: bool,
-    rotation: float,
-    crop_scale: float,
-) -> v2.Compose:
-    """`augment`, then the eval normalisation."""
-    return v2.Compose(
-        [
-            augment(image_size, hflip=hflip, rotation=rotation, crop_scale=crop_scale),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )

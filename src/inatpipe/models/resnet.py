@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
+from inatpipe import torchfile
 from inatpipe.errors import UserError
 from inatpipe.params import RESNET_ARCHS as ARCHS
+
+if TYPE_CHECKING:
+    import torchvision
 
 # The backbone's stages from the input up; fine-tuning unfreezes them from the top (layer4) down.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -28,7 +32,7 @@ class TransferResNet(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown ResNet architecture {arch!r}; known: {', '.join(ARCHS)}")
-        self.backbone = torchvision.models.get_model(arch, weights=None)
+        self.backbone = _torchvision().models.get_model(arch, weights=None)
         in_features = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
         self.head = nn.Linear(in_features, num_classes)
@@ -75,8 +79,16 @@ class TransferResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _torchvision():
+    """torchvision, imported when a ResNet is first built: it takes seconds to import (its ops load torch's
+    compiler), which every stage that never builds one would otherwise pay."""
+    import torchvision
+
+    return torchvision
+
+
 def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
-    return torchvision.models.get_model_weights(arch).DEFAULT
+    return _torchvision().models.get_model_weights(arch).DEFAULT
 
 
 def load_backbone_state(model: TransferResNet, state: dict[str, torch.Tensor], source: str) -> None:
@@ -101,14 +113,9 @@ def load_backbone_state(model: TransferResNet, state: dict[str, torch.Tensor], s
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"resnet.weights: {path} not found; give imagenet, none or the path of a saved state_dict")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
-        raise UserError(
-            f"resnet.weights: {path} is not a readable torch state_dict ({type(e).__name__}: {e})"
-        ) from None
+    return torchfile.load(
+        path, what="torch state_dict", fix="set resnet.weights to imagenet, none or the path of a saved state_dict"
+    )
 
 
 def load_pretrained(model: TransferResNet, weights: str, arch: str, require: bool) -> bool:

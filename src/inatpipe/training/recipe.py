@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from inatpipe.params import RecipeParams
-from inatpipe.training import EpochMetrics
+from inatpipe.training.loop import EpochMetrics
 
 # Parameters of these layers scale or shift normalised activations: decaying them towards zero fights the
 # normalisation instead of regularising the model, so AdamW leaves them (and every bias) undecayed.
@@ -92,7 +92,7 @@ def build_scheduler(
     `start_steps`, one per parameter group: a group's rate is 0 before its start step, then follows the shared
     schedule from wherever it has got to (the groups a staged fine-tuning unfreezes late)."""
     total = recipe.epochs * steps_per_epoch
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    warmup = round(recipe.warmup * steps_per_epoch)
     factor = functools.partial(lr_factor, kind=recipe.scheduler, warmup_steps=warmup, total_steps=total)
     if start_steps is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

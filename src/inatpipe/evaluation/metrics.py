@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.checkpoint import load_checkpoint
-from inatpipe.data.dataset import IndexDataset, NormalizedLoader, make_loader
+from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.prepared import PreparedDataset, read_meta
-from inatpipe.data.transforms import BatchResize, eval_transform
+from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
-from inatpipe.training import autocast
+from inatpipe.training.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -147,27 +147,34 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    test: pd.DataFrame | Path,
+    prepared: Path,
     batch_size: int,
-    num_workers: int,
     device: torch.device,
     precision: str = "fp32",
+    num_workers: int = 0,
 ) -> tuple[dict, Predictions, list[str]]:
-    """Rebuild a model from its checkpoint (classes, size and normalisation travel inside); score it on `test`: the
-    folder of prepared images (its test subset), or an index of image files, decoded here."""
+    """Rebuild a model from its checkpoint (classes, size and normalisation travel inside) and score it on the test
+    subset of the prepared images in `prepared`."""
     model, meta = load_checkpoint(checkpoint, device)
     classes = meta["classes"]
     size, norm = meta["image_size"], meta["normalization"]
-    if isinstance(test, pd.DataFrame):
-        dataset = IndexDataset(test, classes, eval_transform(size, norm["mean"], norm["std"]))
-        loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
-    else:
-        if read_meta(test)["classes"] != classes:
-            raise UserError(f"{checkpoint} was trained on other classes than {test} holds; rerun `dvc repro`")
-        dataset = PreparedDataset(test, "test", BatchResize(size))
-        loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
-        loader = NormalizedLoader(loader, norm["mean"], norm["std"], device)
-    pred = predict(model, loader, device, precision)
+    if read_meta(prepared)["classes"] != classes:
+        raise UserError(f"{checkpoint} was trained on other classes than {prepared} holds; rerun `dvc repro`")
+    dataset = PreparedDataset(prepared, "test", BatchResize(size))
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    pred = predict(model, NormalizedLoader(loader, norm["mean"], norm["std"], device), device, precision)
     metrics = classification_metrics(pred, classes)
     metrics["infer_images_per_second"] = len(dataset) / max(pred.forward_seconds, 1e-9)
     return metrics, pred, classes
+
+
+def predictions_table(pred: Predictions, classes: list[str], paths: list[str]) -> pd.DataFrame:
+    """One row per test image, in index order: its path, true class, predicted class and that class's probability."""
+    return pd.DataFrame(
+        {
+            "path": paths,
+            "label": [classes[i] for i in pred.targets],
+            "predicted": [classes[i] for i in pred.predicted],
+            "probability": pred.confidence.round(6),
+        }
+    )

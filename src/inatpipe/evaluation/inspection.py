@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # a bare Figure draws on Agg: no pyplot, no display
-from PIL import Image
 from torch import nn
 from torch.nn.modules import activation as activations
 
-from inatpipe.data.transforms import eval_transform, to_tensor
+from inatpipe.data.prepared import prepare_image
+from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
+from inatpipe.evaluation.figures import save_figure
+from inatpipe.evaluation.predict import model_input
 from inatpipe.models import count_parameters
 
 
@@ -112,9 +114,7 @@ def filters_figure(model: nn.Module, out: Path, title: str = "") -> Path:
             ax.imshow(_unit_range(f), cmap=None if f.ndim == 3 else "gray", interpolation="nearest")
     k = w.shape[-1]
     fig.suptitle(title or f"first-layer filters: {len(w)} of {w.shape[1]} x {k} x {k}", fontsize=9)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save_figure(fig, out)
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -150,29 +150,25 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: int | None = None
 
 
 def guided_backprop_figure(model: nn.Module, meta: dict, images: Sequence[Path], out: Path) -> Path:
-    """One row per image: the image as the model sees it (resized), and its guided-backprop map for the prediction."""
-    norm = meta["normalization"]
-    size = meta["image_size"]
-    normalise, plain = eval_transform(size, norm["mean"], norm["std"]), to_tensor(size)
+    """One row per image: the image as the model sees it (read and resized as for a prediction), and its
+    guided-backprop map for the predicted class."""
     fig = Figure(figsize=(4.4, 2.3 * len(images)), dpi=100)
     axes = fig.subplots(len(images), 2, squeeze=False)
     device = next(model.parameters()).device
     for row, path in zip(axes, images, strict=True):
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
+            prepared = prepare_image(path, meta["image_size"])
         except OSError as e:
             raise UserError(f"{path} is not a readable image ({e})") from None
-        grad, target = guided_backprop(model, normalise(rgb).to(device))
+        grad, target = guided_backprop(model, model_input([prepared], meta, device)[0])
         g = grad.cpu().numpy().transpose(1, 2, 0)
         g = np.clip((g - g.mean()) / (g.std() + 1e-12) * 0.15 + 0.5, 0, 1)  # the usual contrast stretch
-        row[0].imshow(plain(rgb).numpy().transpose(1, 2, 0), interpolation="nearest")
+        seen = BatchResize(meta["image_size"])(torch.from_numpy(prepared).permute(2, 0, 1)[None])[0]
+        row[0].imshow(seen.permute(1, 2, 0).numpy(), interpolation="nearest")
         row[0].set_title(Path(path).name, fontsize=8)
         row[1].imshow(g, interpolation="nearest")
         row[1].set_title(f"guided backprop: {meta['classes'][target]}", fontsize=8)
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    return save_figure(fig, out)

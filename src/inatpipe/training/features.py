@@ -8,8 +8,6 @@ its backbone, weights, normalisation and images before it uses them.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +16,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from inatpipe import torchfile
+from inatpipe.atomic import write_json
+from inatpipe.cores import loader_workers
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import read_classes, read_index
 from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
 from inatpipe.data.transforms import BatchResize
-from inatpipe.params import DataParams
+from inatpipe.errors import UserError
 from inatpipe.paths import FEATURES_SKIPPED, PREPARED_DIR, SPLIT_DIR, STATS_FILE
-from inatpipe.runtime import resolve_num_workers
-from inatpipe.training import autocast, to_device
+from inatpipe.training.precision import autocast, memory_format, to_device
 
 # The feature pass runs in eval mode, where the batch size changes nothing but speed; a param for it would make
 # DVC recompute identical features whenever it changed.
@@ -62,21 +62,18 @@ class BackboneFeatures:
     meta: dict  # arch, weights, fingerprint, image_size, mean, std
 
     def save(self, path: Path) -> None:
-        """Atomically (temp file + rename), so an interrupted run never leaves a truncated file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"features": self.features, "targets": self.targets, "paths": self.paths, "meta": self.meta}, tmp)
-        os.replace(tmp, path)
+        """Atomically, so an interrupted run never leaves a truncated file."""
+        torchfile.save(
+            {"features": self.features, "targets": self.targets, "paths": self.paths, "meta": self.meta}, path
+        )
 
     @classmethod
     def load(cls, path: Path) -> BackboneFeatures | None:
         """None when the file is absent or unreadable: the caller computes the features afresh."""
-        if not path.is_file():
-            return None
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = torchfile.load(path, what="features file", fix="they are computed again")
             return cls(raw["features"], raw["targets"], raw["paths"], raw["meta"])
-        except Exception:  # a truncated or foreign file raises one of several unrelated types
+        except (UserError, KeyError, TypeError):
             return None
 
     def mismatch(self, expected_meta: dict, paths: dict[str, list[str]]) -> str | None:
@@ -101,16 +98,16 @@ class Subsets:
     paths: dict[str, list[str]]
 
 
-def subsets(data: DataParams, device: torch.device) -> Subsets:
+def subsets(image_size: int, device: torch.device) -> Subsets:
     classes = read_classes(SPLIT_DIR / "classes.json")
-    stats = read_stats(STATS_FILE, data.image_size)
-    read_meta(PREPARED_DIR, data.image_size)
+    stats = read_stats(STATS_FILE, image_size)
+    read_meta(PREPARED_DIR, image_size)
     loaders = {
         subset: NormalizedLoader(
             make_loader(
-                PreparedDataset(PREPARED_DIR, subset, BatchResize(data.image_size)),
+                PreparedDataset(PREPARED_DIR, subset, BatchResize(image_size)),
                 BATCH_SIZE,
-                num_workers=resolve_num_workers(data.num_workers),
+                num_workers=loader_workers(),  # the features do not depend on it: no param for it
                 device=device,
             ),
             stats["mean"],
@@ -136,7 +133,7 @@ def compute_features(
     """(features, targets) of every sample of `loader`, in its order, through `backbone` in eval mode, in the
     precision and memory layout the full forward pass would use, so the head sees the features it would see there."""
     was_training = backbone.training
-    backbone.eval().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    backbone.eval().to(device, memory_format=memory_format(channels_last))
     features, targets = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
         with autocast(device, precision):
@@ -167,8 +164,7 @@ def extract(
 
 def write_skipped(reason: str, path: Path = FEATURES_SKIPPED) -> None:
     """The stage's output when features can't serve: a note of why, so the stage finishes in an instant."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"skipped": True, "reason": reason}, indent=2) + "\n")
+    write_json(path, {"skipped": True, "reason": reason})
 
 
 def describe(
@@ -189,7 +185,7 @@ def describe(
 def load_or_extract(
     path: Path,
     backbone: nn.Module,
-    data: DataParams,
+    image_size: int,
     device: torch.device,
     meta: dict,
     *,
@@ -198,7 +194,7 @@ def load_or_extract(
 ) -> tuple[BackboneFeatures, str]:
     """The stored features when they match `meta` and the current subsets, else one fresh pass of `backbone`
     (still far cheaper than a pass every epoch); returns them and a line saying which."""
-    current = subsets(data, device)
+    current = subsets(image_size, device)
     stored = BackboneFeatures.load(path)
     why = "not found" if stored is None else stored.mismatch(meta, current.paths)
     if why is None:

@@ -11,6 +11,8 @@ import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure draws on Agg: no pyplot, no display, no global state
 from PIL import Image
 
+from inatpipe.atomic import atomic_open, write_text
+
 # Pixel sizes are fixed (no tight bounding box), so a grid's size tells how many rows and columns it has.
 DPI = 100
 CELL_INCHES = (2.2, 2.5)  # one image with its three-line caption
@@ -20,19 +22,18 @@ MISTAKES_SHOWN = 12
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
-def _thumbnail(path: str, size: int = 128) -> np.ndarray:
-    with Image.open(path) as img:
-        # Nearest keeps the pixels of tiny images (8x8 digits, 32x32 samples) visible instead of a blur.
-        return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.NEAREST))
+def _thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
+    # Nearest keeps the pixels of tiny images (8x8 digits, 32x32 samples) visible instead of a blur.
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST))
 
 
-def _cell(ax, path: str | None, caption: str = "", wrong: bool = False) -> None:
+def _cell(ax, image: np.ndarray | None, caption: str = "", wrong: bool = False) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
-    if path is None:
+    if image is None:
         ax.axis("off")
         return
-    ax.imshow(_thumbnail(path))
+    ax.imshow(_thumbnail(image))
     ax.set_title(caption, fontsize=8, color=WRONG if wrong else RIGHT)
     for spine in ax.spines.values():
         spine.set_color(WRONG if wrong else RIGHT)
@@ -47,7 +48,7 @@ def _caption(true: str, predicted: str, confidence: float) -> str:
 def _image_grid(
     cells: Sequence[int | None],
     columns: int,
-    paths: Sequence[str],
+    images: Sequence[np.ndarray],
     targets: np.ndarray,
     predicted: np.ndarray,
     confidence: np.ndarray,
@@ -66,7 +67,7 @@ def _image_grid(
             _cell(ax, None)
         else:
             caption = _caption(classes[targets[i]], classes[predicted[i]], confidence[i])
-            _cell(ax, paths[i], caption, wrong=predicted[i] != targets[i])
+            _cell(ax, images[i], caption, wrong=predicted[i] != targets[i])
     return fig, axes
 
 
@@ -75,14 +76,15 @@ def _padded(indices: Sequence[int], length: int) -> list[int | None]:
     return [*indices, *[None] * (length - len(indices))]
 
 
-def _save(fig: Figure, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+def save_figure(fig: Figure, out: Path) -> Path:
+    """The figure as a PNG at `out`, written atomically like every file the pipeline writes."""
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=fig.dpi)
     return out
 
 
 def prediction_grid(
-    paths: Sequence[str],
+    images: Sequence[np.ndarray],
     targets: np.ndarray,
     predicted: np.ndarray,
     confidence: np.ndarray,
@@ -94,12 +96,12 @@ def prediction_grid(
     cells = []
     for k in range(len(classes)):  # fewer test images than columns: the rest of the row stays blank
         cells += _padded(np.flatnonzero(targets == k)[:GRID_COLUMNS].tolist(), GRID_COLUMNS)
-    fig, _ = _image_grid(cells, GRID_COLUMNS, paths, targets, predicted, confidence, classes, title)
-    return _save(fig, out)
+    fig, _ = _image_grid(cells, GRID_COLUMNS, images, targets, predicted, confidence, classes, title)
+    return save_figure(fig, out)
 
 
 def confident_mistakes(
-    paths: Sequence[str],
+    images: Sequence[np.ndarray],
     targets: np.ndarray,
     predicted: np.ndarray,
     confidence: np.ndarray,
@@ -113,10 +115,10 @@ def confident_mistakes(
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
     cells = _padded(worst.tolist(), max(1, -(-len(worst) // MISTAKE_COLUMNS)) * MISTAKE_COLUMNS)  # whole rows
     title = title or "most confident mistakes"
-    fig, axes = _image_grid(cells, MISTAKE_COLUMNS, paths, targets, predicted, confidence, classes, title)
+    fig, axes = _image_grid(cells, MISTAKE_COLUMNS, images, targets, predicted, confidence, classes, title)
     if len(worst) == 0:
         axes[0, 0].text(0, 0.5, "no wrong predictions on the test set", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def reliability_diagram(bins: Sequence[dict], ece: float, out: Path, title: str = "") -> Path:
@@ -137,7 +139,7 @@ def reliability_diagram(bins: Sequence[dict], ece: float, out: Path, title: str 
     bottom.bar(lower, [b["count"] for b in bins], width=width, align="edge", edgecolor="black", color="grey")
     bottom.set(xlabel="confidence (softmax of the predicted class)", ylabel="images")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def confusion_matrix_image(matrix: Sequence[Sequence[int]], classes: Sequence[str], out: Path, title: str = "") -> Path:
@@ -155,7 +157,7 @@ def confusion_matrix_image(matrix: Sequence[Sequence[int]], classes: Sequence[st
     for (i, j), count in np.ndenumerate(m):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def comparison_bars(rows: dict[str, dict], out: Path) -> Path:
@@ -178,7 +180,7 @@ def comparison_bars(rows: dict[str, dict], out: Path) -> Path:
     speed.bar_label(bars, fmt="%.0f", fontsize=8)
     speed.set(title="inference, images/s")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def per_class_markdown(per_class: dict[str, dict], averages: dict[str, dict]) -> str:
@@ -194,19 +196,20 @@ def write_model_report(
     out_dir: Path,
     name: str,
     metrics: dict,
-    paths: Sequence[str],
+    images: Sequence[np.ndarray],
     targets: np.ndarray,
     predicted: np.ndarray,
     confidence: np.ndarray,
     classes: Sequence[str],
 ) -> list[Path]:
-    """Everything evaluate writes under reports/<model>/: the images and the per-class table."""
+    """Everything evaluate writes under reports/<model>/: the images (the test images as prepared, (n, h, w, 3)
+    uint8) and the per-class table."""
     written = [
         prediction_grid(
-            paths, targets, predicted, confidence, classes, out_dir / "prediction_grid.png", f"{name}: test images"
+            images, targets, predicted, confidence, classes, out_dir / "prediction_grid.png", f"{name}: test images"
         ),
         confident_mistakes(
-            paths,
+            images,
             targets,
             predicted,
             confidence,
@@ -220,5 +223,5 @@ def write_model_report(
         ),
     ]
     table = out_dir / "per_class.md"
-    table.write_text(per_class_markdown(metrics["per_class"], metrics["averages"]))
+    write_text(table, per_class_markdown(metrics["per_class"], metrics["averages"]))
     return [*written, table]

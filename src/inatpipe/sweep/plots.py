@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # before pyplot: render to files, whatever display the ma
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from inatpipe.atomic import atomic_open  # noqa: E402
+
 DPI = 100
 
 
@@ -60,6 +62,12 @@ class Axis:
         return (x - self.low) / (self.high - self.low)
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_open(path, "wb") as f:  # as every file the project writes: the old file or the new one, whole
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def _sort_key(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, float(value), "")
@@ -92,8 +100,7 @@ def parallel_coordinates(points: list[dict[str, Any]], keys: list[str], target: 
     fig.colorbar(mappable, ax=ax, label=target, fraction=0.03, pad=0.02)
     ax.set_title(f"{len(points)} experiments, coloured by {target}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -119,6 +126,5 @@ def val_accuracy_by_param(points: list[dict[str, Any]], key: str, target: str, p
     ax.set_ylabel(target)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return path

@@ -7,7 +7,6 @@ and decide what to do with each epoch's metrics (early stopping included).
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from inatpipe.distributed import all_reduce_sums
 from inatpipe.errors import UserError
+from inatpipe.training.distributed import all_reduce_sums, set_epoch
+from inatpipe.training.precision import autocast, grad_scaler, memory_format, to_device
 
 
 @dataclass(frozen=True)
@@ -31,44 +31,6 @@ class EpochMetrics:
     val_accuracy: float
     seconds: float
     lr: float  # learning rate of the epoch's last batch (first parameter group)
-
-
-# Autocast dtypes. bf16 keeps fp32's range, so it needs no loss scaling; fp16 does (see `grad_scaler`).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: a CPU with AVX-512 BF16 or AMX, a GPU from Ampere on. Elsewhere
-    bf16 is emulated, slower than fp32."""
-    return _native_bf16(device.type)
-
-
-@functools.cache  # autocast asks on every batch; the hardware does not change during a run
-def _native_bf16(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device_type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """`auto` becomes bf16 where the device computes it natively (benchmarks/precision_digits.py: faster, with the
-    same accuracy), else fp32; any other setting stays as it is."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for forward passes and losses: matmuls and convolutions in bf16/fp16, reductions in fp32."""
-    dtype = PRECISIONS[resolve_precision(device, precision)]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 @contextlib.contextmanager
@@ -83,12 +45,6 @@ def _compile_errors() -> Iterator[None]:
             f"train.compile / resnet.compile: true needs a working C++ compiler for torch.compile ({reason}); "
             "set it to false"
         ) from None
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A batch of images on `device`, in the memory layout the model was put in (NHWC for channels_last)."""
-    layout = torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format
-    return x.to(device, memory_format=layout, non_blocking=True)
 
 
 def _update(
@@ -200,7 +156,7 @@ def fit(
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     val_loss_fn = nn.CrossEntropyLoss()
     # Moves parameters in place, so an optimizer built before this call still holds them.
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(device, memory_format=memory_format(channels_last))
     if scaler is None:
         scaler = grad_scaler(device, precision)
     # The compiled wrapper shares the model's parameters, so the optimizer trains them; its state_dict keys gain an
@@ -209,6 +165,7 @@ def fit(
     guard = _compile_errors if compile else contextlib.nullcontext  # only a compiling run needs torch._dynamo loaded
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
+        set_epoch(train_loader, epoch)  # a sharded shuffle depends on the epoch, also when a resumed run starts late
         with guard():
             train_loss, train_acc, lr = train_one_epoch(
                 runner,

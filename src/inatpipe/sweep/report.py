@@ -14,9 +14,10 @@ from typing import Any
 
 import pandas as pd
 
+from inatpipe.atomic import write_text
 from inatpipe.dvc_cli import run_dvc
 from inatpipe.errors import UserError
-from inatpipe.sweep import format_value
+from inatpipe.sweep.space import format_value
 
 TRAIN_METRICS = "metrics/train_flexible/metrics.json"
 EVAL_METRICS = "metrics/evaluate/flexible/metrics.json"
@@ -217,7 +218,7 @@ def read_exp_show(all_commits: bool = False) -> list[dict]:
 
 
 def build_report(show: list[dict], out: Path) -> SweepReport:
-    from inatpipe.sweep_plots import parallel_coordinates, val_accuracy_by_param
+    from inatpipe.sweep.plots import parallel_coordinates, val_accuracy_by_param
 
     finished, left_out, baselines = parse_exp_show(show)
     if not finished:
@@ -239,7 +240,7 @@ def build_report(show: list[dict], out: Path) -> SweepReport:
     table = ranking_table(ranked, varying)
     commands = reproduce_commands(ranked[0], baselines.get(ranked[0].baseline, {}))
     md = out / "report.md"
-    md.write_text(to_markdown(report, table, commands, images))
+    write_text(md, to_markdown(report, table, commands, images))
     report.files = [md, *images]
     return report
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from inatpipe.errors import UserError
+from inatpipe.training.precision import memory_format
 
 
 def active() -> bool:
@@ -43,14 +44,20 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(leave)
     return device
+
+
+def leave() -> None:
+    """Leave the process group, if this process is (still) in one."""
+    if active():
+        dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
     """`model` on `device` in its memory layout; under torchrun, wrapped in DistributedDataParallel, which averages
     gradients across ranks in backward. The wrapper shares the model's parameters: save the model, not the wrapper."""
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(device, memory_format=memory_format(channels_last))
     if not active():
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -79,36 +86,49 @@ class ShardedBatches(Sampler[list[int]]):
     `seed` and the epoch), cut into global batches of `batch_size`, of which each rank takes its equal share.
 
     So N ranks together see the batches one process would, and with gradients averaged take the same steps. The
-    last, incomplete batch is dropped, so that every rank runs the same number of equal steps.
+    last, incomplete batch is dropped, so that every rank runs the same number of equal steps. The training loop
+    sets the epoch before each one (`set_epoch`), so a run resumed at epoch k shuffles as the uninterrupted run did.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0):
-        ranks = world_size()
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 1, *, place: tuple[int, int] = ()):
+        """`place`: (this rank, number of ranks); by default, this process's under torchrun."""
+        self.rank, ranks = place or (rank(), world_size())
         if batch_size % ranks:
             raise UserError(f"the batch size ({batch_size}) must be divisible by the number of processes ({ranks})")
         if num_samples < batch_size:
             raise UserError(f"the train subset has {num_samples} images, fewer than one batch of {batch_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.epoch = epoch  # counts the passes over the data; set it to resume from a later epoch
-        self.share, self.rank = batch_size // ranks, rank()
+        self.epoch = epoch  # which epoch the next pass is: its shuffle
+        self.share = batch_size // ranks
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        self.epoch += 1
         for b in range(len(self)):
             start = b * self.batch_size + self.rank * self.share
             yield order[start : start + self.share].tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def set_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell the loader's sharded sampler which epoch the next pass is, as torch's DistributedSampler.set_epoch; a
+    loader without one (a single process) shuffles from its generator, which a resume state restores."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, ShardedBatches):
+        sampler.set_epoch(epoch)
 
 
 class Shard(Sampler[int]):
     """Evaluation under torchrun: rank r takes images r, r + N, r + 2N, ...; nothing is repeated, so sums reduced
     across ranks are exactly the single-process ones."""
 
-    def __init__(self, num_samples: int):
-        self.indices = range(rank(), num_samples, world_size())
+    def __init__(self, num_samples: int, *, place: tuple[int, int] = ()):
+        this, ranks = place or (rank(), world_size())
+        self.indices = range(this, num_samples, ranks)
 
     def __len__(self) -> int:
         return len(self.indices)

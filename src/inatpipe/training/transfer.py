@@ -10,7 +10,6 @@ With the whole backbone frozen and no augmentation, the head trains on stored ba
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,15 +17,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from inatpipe.checkpoint import ModelSpec
 from inatpipe.data.dataset import make_loader
-from inatpipe.experiment import Optimization, TrainingData, fit_recipe, train_tracked
-from inatpipe.features import BackboneFeatures
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import STAGES, TransferResNet
 from inatpipe.params import ResnetParams
-from inatpipe.recipe import build_optimizer, build_scheduler, parameter_groups
-from inatpipe.resume import Resumable
-from inatpipe.training import EpochMetrics, grad_scaler
+from inatpipe.training.features import BackboneFeatures
+from inatpipe.training.loop import EpochMetrics
+from inatpipe.training.precision import grad_scaler
+from inatpipe.training.recipe import build_optimizer, build_scheduler, parameter_groups
+from inatpipe.training.tracking import Optimization, RunOutputs, TrainingData, fit_recipe, train_tracked
 
 
 def stage_rates(recipe: ResnetParams, trainable_stages: int) -> dict[str, float]:
@@ -59,7 +59,7 @@ def build_finetuning(
     final = recipe.trainable_stages
     model.set_trainable_stages(0 if recipe.strategy == "staged" else final)
     groups = discriminative_groups(model, recipe, final)
-    switch_step = recipe.head_epochs * steps_per_epoch if recipe.strategy == "staged" else 0
+    switch_step = recipe.head_phase * steps_per_epoch if recipe.strategy == "staged" else 0
     starts = [0 if g["stage"] == "head" else switch_step for g in groups]
     optimizer = build_optimizer(model, recipe, groups)
     return optimizer, build_scheduler(optimizer, recipe, steps_per_epoch, start_steps=starts)
@@ -93,15 +93,15 @@ def finetune_history(
     if recipe.strategy != "staged":
         yield from fit_recipe(model, recipe, steps, train, val, device, start_epoch=start_epoch)
         return
-    if start_epoch < recipe.head_epochs:
+    if start_epoch < recipe.head_phase:
         model.set_trainable_stages(0)
         yield from fit_recipe(
-            model, recipe, steps, train, val, device, start_epoch=start_epoch, epochs=recipe.head_epochs
+            model, recipe, steps, train, val, device, start_epoch=start_epoch, epochs=recipe.head_phase
         )
         unfrozen = ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :])
-        tqdm.write(f"staged: head trained for {recipe.head_epochs} epochs; from now on {unfrozen} train too")
+        tqdm.write(f"staged: head trained for {recipe.head_phase} epochs; from now on {unfrozen} train too")
     model.set_trainable_stages(recipe.trainable_stages)
-    yield from fit_recipe(model, recipe, steps, train, val, device, start_epoch=max(start_epoch, recipe.head_epochs))
+    yield from fit_recipe(model, recipe, steps, train, val, device, start_epoch=max(start_epoch, recipe.head_phase))
 
 
 def feature_loaders(
@@ -134,25 +134,20 @@ def head_history(
 
 def train_transfer(
     model: TransferResNet,
+    spec: ModelSpec,
     data: TrainingData,
     recipe: ResnetParams,
-    *,
     device: torch.device,
-    generator: torch.Generator,
-    features: BackboneFeatures | None,
-    live_dir: Path,
-    checkpoint: Path,
-    model_config: dict,
+    outputs: RunOutputs,
+    features: BackboneFeatures | None = None,
     summary: dict[str, Any] | None = None,
-    resume: Resumable | None = None,
 ) -> dict[str, Any]:
     """Train with the recipe's strategy, on `features` when given, else on images; track the run and checkpoint the
-    complete model (backbone and head) either way. With `resume`, the run saves a resume state after every epoch
-    and continues from a matching one it finds. Returns the run's summary metrics."""
+    complete model (backbone and head) either way. Returns the run's summary metrics."""
     total, final_trainable = _counts(model, recipe.trainable_stages)
     _, head_trainable = _counts(model, 0)
     if features is not None:
-        train, val = feature_loaders(features, recipe.batch_size, generator, device)
+        train, val = feature_loaders(features, recipe.batch_size, data.train.generator, device)
         phases = head_history
     else:
         train, val, phases = data.train, data.val, finetune_history
@@ -169,27 +164,14 @@ def train_transfer(
     def history(start_epoch: int) -> Iterator[EpochMetrics]:
         return phases(model, recipe, steps, train, val, device, start_epoch)
 
-    return train_tracked(
-        model,
-        data,
-        recipe,
-        steps,
-        history,
-        generator=train.generator,
-        device=device,
-        live_dir=live_dir,
-        checkpoint=checkpoint,
-        model_name="resnet",
-        model_config=model_config,
-        summary={
-            **counts,
-            "arch": recipe.arch,
-            "strategy": recipe.strategy,
-            "unfrozen": ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :][::-1]) or "none",
-            **(summary or {}),
-        },
-        resume=resume,
-    )
+    summary = {
+        **counts,
+        "arch": recipe.arch,
+        "strategy": recipe.strategy,
+        "unfrozen": ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :][::-1]) or "none",
+        **(summary or {}),
+    }
+    return train_tracked(model, spec, recipe, steps, history, train.generator, device, outputs, summary)
 
 
 def _counts(model: TransferResNet, trainable_stages: int) -> tuple[int, int]:

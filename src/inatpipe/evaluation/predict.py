@@ -1,4 +1,8 @@
-"""Top-k predictions for image files and folders, from a checkpoint alone (classes and normalisation travel inside)."""
+"""Top-k predictions for image files and folders, from a checkpoint alone (classes and normalisation travel inside).
+
+Each file is read as the pipeline reads it (`prepare_image`: one decoder, the prepared square) and resized and
+normalised as the evaluate stage's loader does, so an image of the test set gets the prediction evaluate gave it.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from inatpipe.data.transforms import eval_transform
+from inatpipe.atomic import atomic_open
+from inatpipe.data.dataset import channel_tensor, normalize
+from inatpipe.data.prepared import prepare_image
+from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
+from inatpipe.training.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -45,29 +54,37 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _load(path: Path, transform) -> torch.Tensor | None:
-    """The transformed image, or None (after a warning on stderr) when Pillow can't read it."""
+def read_image(path: Path, image_size: int) -> np.ndarray | None:
+    """The file as `prepare` would store it, or None (after a warning on stderr) when it is not a readable image."""
     try:
-        with Image.open(path) as img:
-            return transform(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        return prepare_image(path, image_size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # any decoder failure
         print(f"warning: skipping {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 
 
-def _batches(files: Iterable[Path], transform, batch_size: int) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    paths, tensors = [], []
+def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prepared images (each (side, side, 3) uint8) as the model's input batch: resized to its image size and
+    normalised with its statistics on `device`, exactly as the evaluate stage's loader gives them."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    x = BatchResize(meta["image_size"])(x).to(device)
+    norm = meta["normalization"]
+    return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
+
+
+def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
+    paths, images = [], []
     for path in files:
-        x = _load(path, transform)
-        if x is None:
+        img = read_image(path, image_size)
+        if img is None:
             continue
         paths.append(path)
-        tensors.append(x)
+        images.append(img)
         if len(paths) == batch_size:
-            yield paths, torch.stack(tensors)
-            paths, tensors = [], []
+            yield paths, images
+            paths, images = [], []
     if paths:
-        yield paths, torch.stack(tensors)
+        yield paths, images
 
 
 @torch.no_grad()
@@ -78,21 +95,24 @@ def predict_files(
     top_k: int = 3,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    precision: str = "auto",
 ) -> list[Prediction]:
-    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning."""
+    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning. `precision`
+    autocasts the forward pass as `evaluate.precision` does (auto: bf16 where the device computes it natively)."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     classes = meta["classes"]
     k = min(top_k, len(classes))
-    norm = meta["normalization"]
-    transform = eval_transform(meta["image_size"], norm["mean"], norm["std"])
+    device = torch.device(device)
     model.eval()
     out = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False)
-    for paths, x in _batches(files, transform, batch_size):
-        probs = model(x.to(device)).float().softmax(1).cpu()
+    for paths, images in _batches(files, meta["image_size"], batch_size):
+        with autocast(device, precision):
+            logits = model(model_input(images, meta, device))
+        probs = logits.double().softmax(1).cpu()
         values, indices = probs.topk(k, dim=1)
         for path, p, i in zip(paths, values.tolist(), indices.tolist(), strict=True):
             out.append(Prediction(path, [(classes[c], prob) for c, prob in zip(i, p, strict=True)]))
@@ -109,8 +129,7 @@ def write_csv(predictions: Sequence[Prediction], out: Path) -> None:
     """One row per image: path, then class_1, probability_1, class_2, probability_2, ..."""
     k = max((len(p.top) for p in predictions), default=0)
     header = ["path"] + [f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "probability")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
+    with atomic_open(out) as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for p in predictions:

@@ -2,7 +2,8 @@
 
 A training stage writes one at the end of every epoch (atomically, outside DVC's outputs, which DVC deletes before
 rerunning a stage) and removes it when the stage completes. A state is only used when the params, code and data it
-was written with are the current ones; otherwise it is discarded with a line saying which of them changed.
+was written with are the current ones (exactly what dvc.yaml declares the stage depends on); otherwise it is
+discarded with a line saying which of them changed.
 """
 
 from __future__ import annotations
@@ -22,32 +23,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from inatpipe.atomic import atomic_open
-from inatpipe.params import Params, as_dict
-from inatpipe.recipe import Progress
-from inatpipe.training import EpochMetrics
+from inatpipe import torchfile
+from inatpipe.dvc_cli import stage_inputs
+from inatpipe.errors import UserError
+from inatpipe.params import lookup, read_raw
+from inatpipe.training.loop import EpochMetrics
+from inatpipe.training.recipe import Progress
 
 FORMAT_VERSION = 1
-LIBRARY = Path(__file__).resolve().parent  # src/inatpipe: every .py file here is part of the code fingerprint
+# Data files up to this size are fingerprinted by content; larger ones (image arrays, cached features) by size and
+# modification time: hashing them would cost a large share of an epoch, and a rewritten file gets a new time.
+CONTENT_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
 class Resumable:
-    """What a stage tells the library so its run can resume: where the state lives and what it must match."""
+    """Where a training stage keeps its resume state, and which stage of dvc.yaml it is: a state is only used while
+    everything that stage declares it depends on (deps and params) is as it was when the state was written."""
 
     path: Path
-    params: dict[str, Any]  # the params sections the stage reads
-    stage_file: Path
-    large_files: tuple[Path, ...] = ()  # other data the run reads, too large to hash: by size and time (features)
-
-
-def params_sections(params: Params, *names: str) -> dict[str, Any]:
-    """The named top-level sections of `params` as plain values, e.g. ("seed", "data", "train")."""
-    return {name: _plain(getattr(params, name)) for name in names}
-
-
-def _plain(value: Any) -> Any:
-    return as_dict(value) if dataclasses.is_dataclass(value) else value
+    stage: str
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -58,28 +53,40 @@ def _digest(parts: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def _stat(path: str | Path) -> bytes:
+def _files(dep: str) -> list[Path]:
+    path = Path(dep)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _data(path: Path) -> bytes:
     try:
-        st = Path(path).stat()
+        st = path.stat()
     except OSError:
         return f"{path} missing".encode()
+    if st.st_size <= CONTENT_LIMIT:
+        return path.as_posix().encode() + path.read_bytes()
     return f"{path} {st.st_size} {st.st_mtime_ns}".encode()
 
 
-def fingerprint(
-    resumable: Resumable, device: torch.device, data_files: Iterable[Path], images: Iterable[str]
-) -> dict[str, str]:
-    """Digests of what decides a run's result: params (and the device), code, data.
+def fingerprint(resumable: Resumable, device: torch.device, params_file: Path = Path("params.yaml")) -> dict[str, str]:
+    """Digests of what decides a run's result: exactly the stage's deps and params in dvc.yaml, and the device.
 
-    Code is every library module, the stage file and the torch version. Data is the content of the small index
-    and statistics files plus the size and modification time of every listed image: reading 12,000 images would
-    cost a large share of an epoch, and a changed image gets a new modification time.
+    Code is the content of the stage's source deps (under src/ and stages/) and the torch version; data is every
+    other dep, by content (by size and time above CONTENT_LIMIT); params are the values of the keys it declares.
+    Editing a module the stage does not import (the sweep report, say) keeps a resume state.
     """
-    params = json.dumps({**resumable.params, "resolved_device": str(device)}, sort_keys=True).encode()
-    code_files = [*sorted(LIBRARY.rglob("*.py")), Path(resumable.stage_file)]
-    code = [torch.__version__.encode()] + [f.name.encode() + f.read_bytes() for f in code_files]
-    data = [Path(f).read_bytes() for f in data_files] + [_stat(img) for img in images]
-    return {"params": _digest([params]), "code": _digest(code), "data": _digest(data)}
+    raw = read_raw(params_file)
+    deps, keys = stage_inputs(resumable.stage, raw)
+    params = {key: lookup(raw, key) for key in keys}
+    params_json = json.dumps({**params, "resolved_device": str(device)}, sort_keys=True, default=str).encode()
+    files = [f for dep in deps for f in _files(dep)]
+    code = [f for f in files if f.parts[0] in ("src", "stages")]
+    data = [f for f in files if f.parts[0] not in ("src", "stages")]
+    return {
+        "params": _digest([params_json]),
+        "code": _digest([torch.__version__.encode(), *(f.as_posix().encode() + f.read_bytes() for f in code)]),
+        "data": _digest(_data(f) for f in data),
+    }
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
@@ -136,8 +143,7 @@ def save_state(path: Path, state: ResumeState) -> None:
         "model": model,
         "best_model": best,
     }
-    with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+    torchfile.save(payload, path)
 
 
 def load_state(path: Path, current: dict[str, str]) -> ResumeState | None:
@@ -146,7 +152,7 @@ def load_state(path: Path, current: dict[str, str]) -> ResumeState | None:
     if not path.is_file():
         return None
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torchfile.load(path, what="resume state", fix="it is discarded")
         if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
             raise ValueError("unknown format")
         state = ResumeState(**{f.name: raw[f.name] for f in dataclasses.fields(ResumeState)})
@@ -154,8 +160,9 @@ def load_state(path: Path, current: dict[str, str]) -> ResumeState | None:
             raise ValueError("no fingerprint")
         state.progress = Progress(**raw["progress"])
         state.history = [EpochMetrics(**m) for m in raw["history"]]
-    except Exception as e:  # truncated, foreign or older files raise one of several unrelated types
-        discard(path, f"it is not a readable resume state ({type(e).__name__})")
+    except Exception as e:  # truncated, foreign or older files: never a reason to stop training
+        why = "unreadable" if isinstance(e, UserError) else type(e).__name__
+        discard(path, f"it is not a readable resume state ({why})")
         return None
     changed = [key for key in ("params", "code", "data") if state.fingerprint.get(key) != current[key]]
     if changed:

@@ -1,0 +1,1 @@
+"""Evaluation: test-set metrics, report figures, the model comparison, predictions and looking inside a model."""
