@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -56,20 +57,22 @@ def render_offline(page: Path, budget_ms: int = 15000) -> str:
 
 
 class _Charts(HTMLParser):
-    """For each vega-embed container, whether a non-empty canvas or an SVG with marks was drawn inside it."""
+    """For each chart container (a div whose id a vegaEmbed call names), whether a non-empty canvas or an SVG with
+    marks was drawn inside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: set[str]) -> None:
         super().__init__()
         self.charts: dict[str, bool] = {}
+        self.ids = ids
         self._stack: list[str | None] = []  # per open <div>: the chart id it opens, else None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         a = dict(attrs)
         if tag == "div":
-            opens = "vega-embed" in (a.get("class") or "").split()
-            self._stack.append(a.get("id", "?") if opens else None)
+            opens = a.get("id") in self.ids
+            self._stack.append(a["id"] if opens else None)
             if opens:
-                self.charts.setdefault(a.get("id", "?"), False)
+                self.charts.setdefault(a["id"], False)
             return
         current = next((c for c in reversed(self._stack) if c), None)
         if current is None:
@@ -84,7 +87,13 @@ class _Charts(HTMLParser):
             self._stack.pop()
 
 
-def rendered_charts(dom: str) -> dict[str, bool]:
-    parser = _Charts()
-    parser.feed(dom)
+def chart_ids(html: str) -> set[str]:
+    """The containers a page's scripts draw charts into: vegaEmbed('#id', ...)."""
+    return set(re.findall(r"vegaEmbed\(\s*['\"]#([^'\"]+)['\"]", html))
+
+
+def rendered_charts(page: Path) -> dict[str, bool]:
+    """Chart id -> whether it drew, for every chart the page means to draw, after Chromium ran it offline."""
+    parser = _Charts(chart_ids(page.read_text()))
+    parser.feed(render_offline(page))
     return parser.charts

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from inatpipe.data.dataset import NormalizedLoader, make_loader
+from inatpipe.data.index import scan_folder
+from inatpipe.data.prepared import PreparedDataset, prepare
+from inatpipe.data.transforms import BatchAugment, BatchResize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +51,92 @@ def write_dataset(root: Path, train_per_class: int = 10, test_per_class: int = 4
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data")
+
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def prepared_folder(folder: Path, classes: list[str], image_size: int = 16) -> Path:
+    """folder/<class>/* prepared once, as the `prepare` stage does, into a subset named `images` beside it."""
+    prepared = folder.parent / f".prepared-{folder.name}-{image_size}"
+    if not (prepared / "meta.json").is_file():
+        prepare({"images": scan_folder(folder)}, classes, image_size, prepared)
+    return prepared
+
+
+def folder_loader(
+    folder: Path,
+    classes: list[str],
+    image_size: int = 16,
+    batch_size: int = 8,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    mean: list[float] = MEAN,
+    std: list[float] = STD,
+) -> NormalizedLoader:
+    """A loader over folder/<class>/* through the pipeline's own data path: the images prepared once (beside the
+    folder), read back in batches, resized (or augmented) and normalised on the CPU, as the training stages load."""
+    prepared = prepared_folder(folder, classes, image_size)
+    transform = (
+        BatchAugment(image_size, hflip=True, rotation=10.0, crop_scale=0.8) if augment else BatchResize(image_size)
+    )
+    dataset = PreparedDataset(prepared, "images", transform)
+    loader = make_loader(dataset, batch_size, shuffle=shuffle, generator=generator or torch.Generator().manual_seed(0))
+    return NormalizedLoader(loader, mean, std, torch.device("cpu"))
+
+
+# The in-process pipeline: every stage's run(params) on a tiny dataset, once per test session, each stage recorded
+# (params read, files opened). ResNet18 from a saved random state_dict stands in for the ImageNet download; no
+# augmentation, so the features stage computes the backbone features and train_resnet trains on them.
+PIPELINE_PARAMS = {
+    "data": {"image_size": 16, "augment": False},
+    "model": {"num_filters": [8, 16], "dense_neurons": 32},
+    "train": {"epochs": 3, "batch_size": 8},
+    "resnet": {"arch": "resnet18", "epochs": 2, "batch_size": 8},
+    "evaluate": {"batch_size": 16},
+}
+
+
+@dataclass
+class Pipeline:
+    root: Path
+    records: dict  # stage -> tests.stages.Record
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+    import torchvision
+
+    from .stages import ORDER, folder_project, run
+
+    base = tmp_path_factory.mktemp("pipeline")
+    weights = base / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    params = {**PIPELINE_PARAMS, "resnet": {**PIPELINE_PARAMS["resnet"], "weights": str(weights)}}
+    root = folder_project(base / "project", params)
+    write_dataset(root / "data", train_per_class=12, test_per_class=4, size=16)
+    return Pipeline(root, {stage: run(root, stage, record=True) for stage in ORDER})
+
+
+# The slowest modules first: with the suite spread over parallel workers (`pytest -n 2 --dist loadgroup`), the long
+# ones then start at once instead of last, and the workers finish together. A module whose fixtures are costly is
+# marked `xdist_group` (the in-process pipeline's two modules with one name), so that one worker builds them once.
+SLOWEST_FIRST = ("test_pipeline", "test_sweep_queue", "test_distributed", "test_resume", "test_recipe", "test_data")
+
+
+def pytest_configure(config) -> None:
+    """Under parallel workers, one torch thread per worker (and per stage it starts): two workers then keep two
+    cores busy instead of four threads taking turns on them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        return SLOWEST_FIRST.index(module) if module in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a module, tests keep their order

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import yaml
 
-from inatpipe.scaffold import copy_pipeline, pipeline_env
+from inatpipe.testing import copy_pipeline, pipeline_env
 
 from .conftest import ROOT, write_dataset
 
 SMALL_LR = 1.0e-3
+# Small models, few epochs; the shipped warm-up (train.warmup_epochs: 1.0) stays, as a user's one-key override sees it.
 SMALL_PARAMS = {
     "data": {"image_size": 16},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
-    "train": {"epochs": 2, "batch_size": 8, "scheduler": "constant", "warmup_epochs": 0.0, "learning_rate": SMALL_LR},
+    "train": {"epochs": 2, "batch_size": 8, "scheduler": "constant", "learning_rate": SMALL_LR},
     "resnet": {"epochs": 1, "batch_size": 8},
     "evaluate": {"batch_size": 16},
 }

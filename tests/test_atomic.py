@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inatpipe.atomic import atomic_open, write_json, write_text
-from inatpipe.checkpoint import load_checkpoint, save_checkpoint
+from inatpipe.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from inatpipe.models import build_model
 
 from .conftest import ROOT
@@ -57,8 +57,8 @@ def test_checkpoints_are_written_atomically_and_load_with_weights_only(tmp_path:
     config |= {"dropout": 0.0, "pooling": "max", "pooling_kernel_size": 2, "pooling_stride": 2, "dense_neurons": 8}
     model = build_model("flexible_cnn", 3, config)
     path = tmp_path / "models" / "m.pt"
-    kwargs = {"model_name": "flexible_cnn", "model_config": config, "classes": ["a", "b", "c"], "image_size": 16}
-    save_checkpoint(path, model, mean=[0.5] * 3, std=[0.2] * 3, **kwargs)
+    spec = ModelSpec("flexible_cnn", config, ["a", "b", "c"], 16, [0.5] * 3, [0.2] * 3)
+    save_checkpoint(path, spec, model.state_dict())
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
     loaded, meta = load_checkpoint(path)
     assert meta["classes"] == ["a", "b", "c"]

@@ -18,16 +18,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.data.dataset import make_loader
 from inatpipe.data.fetch import fetch_dataset
 from inatpipe.data.index import read_index, scan_folder, write_index
-from inatpipe.data.prepared import prepare
+from inatpipe.data.prepared import IndexImages, prepare
 from inatpipe.data.sample import build_digits_sample
 from inatpipe.data.split import check_test_classes, stratified_split
 from inatpipe.data.stats import compute_stats
 from inatpipe.errors import UserError, one_line
 
 from .conftest import ROOT, write_dataset, write_image_folder
+from .stages import Result, inatpipe
 
 
 def test_scan_lists_every_image_with_its_folder_as_label(tmp_path: Path):
@@ -112,7 +113,7 @@ def test_dataset_reports_unreadable_images(tmp_path: Path):
     bad = tmp_path / "a" / "broken.jpg"
     bad.parent.mkdir()
     bad.write_bytes(b"not a jpeg")
-    ds = IndexDataset(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"])
+    ds = IndexImages(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"], 16)
     with pytest.raises(UserError, match="broken.jpg is not a readable image"):
         ds[0]
 
@@ -121,33 +122,12 @@ def test_errors_from_loader_workers_still_print_as_one_line(tmp_path: Path):
     bad = tmp_path / "a" / "broken.jpg"
     bad.parent.mkdir()
     bad.write_bytes(b"not a jpeg")
-    ds = IndexDataset(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"])
+    ds = IndexImages(pd.DataFrame({"path": [str(bad)], "label": ["a"]}), ["a"], 16)
     with pytest.raises(UserError) as err:
         next(iter(make_loader(ds, 1, num_workers=1)))
     assert "Original Traceback" in str(err.value)  # how torch re-raises a worker's error
     assert one_line(err.value).startswith(f"{bad} is not a readable image")
     assert "\n" not in one_line(err.value)
-
-
-def test_sample_is_byte_identical_and_matches_the_committed_data_dvc(tmp_path: Path):
-    """Two builds are identical, and DVC hashes the build to exactly the md5 that data.dvc records."""
-    build_digits_sample(tmp_path / "a" / "data")
-    build_digits_sample(tmp_path / "b" / "data")
-    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.bmp"))
-    assert len(files_a) == 1797
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
-    train = scan_folder(tmp_path / "a" / "data" / "train")
-    test = scan_folder(tmp_path / "a" / "data" / "val")
-    assert train["label"].nunique() == 10 and len(test) == 355 and len(train) == 1797 - 355
-    with Image.open(tmp_path / "a" / train["path"].iloc[0]) as img:
-        assert img.mode == "RGB" and img.size == (32, 32)
-
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path / "a", check=True)
-    subprocess.run([*dvc, "add", "-q", "data"], cwd=tmp_path / "a", check=True)
-    built = yaml.safe_load((tmp_path / "a" / "data.dvc").read_text())["outs"][0]
-    committed = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
-    assert (built["md5"], built["nfiles"], built["size"]) == (committed["md5"], committed["nfiles"], committed["size"])
 
 
 def test_sample_never_overwrites(tmp_path: Path):
@@ -263,8 +243,8 @@ def test_a_completed_download_is_reused_without_network(tmp_path: Path, monkeypa
     assert len(scan_folder(out / "train")) == 9
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inatpipe.cli", *args], cwd=cwd, capture_output=True, text=True)
+def run_cli(*args: str, cwd: Path) -> Result:
+    return inatpipe(cwd, *args)
 
 
 def test_cli_fetch_tracks_the_data_with_dvc(tmp_path: Path):
@@ -315,8 +295,10 @@ def test_setup_never_rewrites_a_data_dvc_that_records_other_data(tmp_path: Path)
     assert len(scan_folder(project / "data" / "train")) == 1797 - 355  # the sample was built
 
 
-def test_setup_on_a_fresh_clone_builds_the_sample_without_a_false_alarm(tmp_path: Path):
-    """A fresh clone has the committed data.dvc and no cache: `dvc status` says "not in cache", yet the data match."""
+def test_setup_on_a_fresh_clone_builds_the_committed_sample_without_a_false_alarm(tmp_path: Path):
+    """A fresh clone has the committed data.dvc and no cache: `dvc status` says "not in cache", yet the data match.
+    Setup builds the sample, finds (by DVC's own hashing) that it is what data.dvc records, and caches it; every
+    build is the same, byte for byte."""
     project = dvc_project(tmp_path / "project")
     shutil.copy(ROOT / "data.dvc", project / "data.dvc")
     recorded = (project / "data.dvc").read_text()
@@ -329,6 +311,16 @@ def test_setup_on_a_fresh_clone_builds_the_sample_without_a_false_alarm(tmp_path
         [sys.executable, "-m", "dvc", "status", "--json", "data.dvc"], cwd=project, capture_output=True, text=True
     )
     assert status.stdout.strip() == "{}", "the sample is cached: data.dvc is fully satisfied"
+
+    again = tmp_path / "again" / "data"
+    build_digits_sample(again)
+    files = sorted(p.relative_to(again) for p in again.rglob("*.bmp"))
+    assert len(files) == 1797
+    assert all((project / "data" / f).read_bytes() == (again / f).read_bytes() for f in files)
+    train, test = scan_folder(again / "train"), scan_folder(again / "val")
+    assert train["label"].nunique() == 10 and len(test) == 355 and len(train) == 1797 - 355
+    with Image.open(train["path"].iloc[0]) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
 
 
 def test_archive_members_that_escape_are_kept_inside_and_named(tmp_path: Path, capsys):

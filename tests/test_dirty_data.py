@@ -1,27 +1,25 @@
 """Dirty data through the real stages: split leaves out exactly the bad files and says so; training then runs.
 
-Each test runs the stage entry modules as subprocesses in a temporary folder holding params.yaml and data/, as
-`dvc repro` would; the data are real image files of every kind a downloaded folder may hold.
+Each test runs the stage entry modules' run(params) in a temporary project folder holding params.yaml and data/, as
+`dvc repro` would run them (in this process: a new interpreter per stage proves nothing more); the data are real
+image files of every kind a downloaded folder may hold.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 from inatpipe.data.scan import scan_folders
 
-from .conftest import ROOT, write_dataset
+from .conftest import write_dataset
+from .stages import Result, folder_project, run_cli
 
 SMALL = {
     "data": {"image_size": 16, "augment": False},
@@ -31,19 +29,13 @@ SMALL = {
 
 
 def project(tmp_path: Path, overrides: dict | None = None) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for overriding in (SMALL, overrides or {}):
-        for section, values in overriding.items():
-            params[section].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return tmp_path
+    overrides = overrides or {}
+    return folder_project(tmp_path, {s: {**SMALL.get(s, {}), **overrides.get(s, {})} for s in {*SMALL, *overrides}})
 
 
-def run_stage(script: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "stages" / script)], cwd=cwd, capture_output=True, text=True, env=env
-    )
+def run_stage(script: str, cwd: Path) -> Result:
+    """`python stages/<script>` in `cwd`, run in this process: exit status, stdout, stderr."""
+    return run_cli(cwd, script.removesuffix(".py"))
 
 
 def jpeg_bytes(seed: int, size: int = 64) -> bytes:
@@ -88,10 +80,14 @@ def add_dirty_files(data: Path) -> tuple[set[tuple[str, str]], set[str]]:
     Image.new("RGBA", (16, 16), (20, 200, 20, 128)).save(dog / "alpha.png")
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(dog / "print.jpg")
     Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(owl / "deep.png")
-    rotated = Image.new("RGB", (20, 12), (10, 10, 240))
+    # Stored 80 wide and 48 high, white left and black right; orientation 6 turns it a quarter clockwise: upright it
+    # is white on top. Large enough that prepare decodes it in draft mode, at half scale.
+    stored = np.zeros((48, 80, 3), np.uint8)
+    stored[:, :40] = 255
+    rotated = Image.fromarray(stored)
     exif = rotated.getexif()
     exif[0x0112] = 6
-    rotated.save(owl / "rotated.jpg", exif=exif)
+    rotated.save(owl / "rotated.jpg", exif=exif, quality=95)
     Image.new("RGB", (16, 16), (240, 10, 10)).save(cat / "CAMERA.JPG")
     good = {f"data/train/{p}" for p in ("cat/gray.png", "cat/palette.png", "dog/alpha.png", "dog/print.jpg")}
     good |= {f"data/train/{p}" for p in ("owl/deep.png", "owl/rotated.jpg", "cat/CAMERA.JPG")}
@@ -134,6 +130,26 @@ def test_split_leaves_out_exactly_the_bad_files_and_training_runs(dirty):
     assert len(listed) == 25 and len(split["test"]) == 9
 
     assert run_stage("prepare.py", root).returncode == 0  # every kept image, whatever its mode, decodes
+    prepared = {
+        path: image
+        for subset in ("train", "val")
+        for path, image in zip(split[subset]["path"], np.load(root / f"artifacts/prepared/{subset}.npy"), strict=True)
+    }
+
+    def colour(name: str) -> list[int]:
+        """The mean colour of a kept image as prepared: what training sees."""
+        return prepared[f"data/train/{name}"].reshape(-1, 3).mean(axis=0).round().astype(int).tolist()
+
+    assert colour("cat/gray.png") == [90, 90, 90]
+    assert colour("cat/palette.png") == [200, 30, 30]
+    assert colour("owl/deep.png") == [156, 156, 156]  # 40000 of 65535 is 156 of 255: scaled, not clipped at 255
+    over_white = [round(c * 128 / 255 + 255 * 127 / 255) for c in (20, 200, 20)]  # half-transparent green
+    assert np.abs(np.subtract(colour("dog/alpha.png"), over_white)).max() <= 1
+    for red in ("dog/print.jpg", "cat/CAMERA.JPG"):  # a CMYK JPEG and an upper-case extension
+        r, g, b = colour(red)
+        assert r > 235 and g < 20 and b < 20, (red, colour(red))
+    upright = prepared["data/train/owl/rotated.jpg"].astype(int)
+    assert upright[:8].mean() > 220 and upright[-8:].mean() < 35  # white on top: turned as its EXIF tag says
     assert run_stage("stats.py", root).returncode == 0
     trained = run_stage("train_flexible.py", root)
     assert trained.returncode == 0, trained.stderr

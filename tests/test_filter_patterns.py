@@ -9,9 +9,9 @@ import yaml
 from torch import nn
 
 from inatpipe.errors import ConfigError
-from inatpipe.filter_patterns import FILTER_PATTERNS, expand_filters
 from inatpipe.models import build_model
 from inatpipe.params import load_params, parse_params
+from inatpipe.params.filters import FILTER_PATTERNS, expand_filters
 
 from .conftest import ROOT
 

@@ -14,6 +14,7 @@ from inatpipe.errors import ConfigError
 from inatpipe.params import ACTIVATIONS, Params, load_params, parse_params
 
 from .conftest import ROOT
+from .stages import run_cli
 
 
 @pytest.fixture
@@ -70,8 +71,8 @@ def test_shipped_params_load_with_the_documented_keys():
         ("resnet.optimizer", "Adam", "resnet.optimizer must be one of adam, adamw, sgd"),
         ("train.scheduler", "step", "train.scheduler must be one of constant, cosine, onecycle, got 'step'"),
         ("resnet.scheduler", None, "resnet.scheduler must be a string"),
-        ("train.warmup_epochs", -0.5, "train.warmup_epochs must be a number of epochs >= 0 and below train.epochs"),
-        ("train.warmup_epochs", 10, "train.warmup_epochs must be a number of epochs >= 0 and below train.epochs (10)"),
+        ("train.warmup_epochs", -0.5, "train.warmup_epochs must be a number of epochs >= 0, got -0.5"),
+        ("resnet.warmup_epochs", "1", "resnet.warmup_epochs must be a number (a number; write floats as 1.0e-3)"),
         ("train.label_smoothing", 1.0, "train.label_smoothing must be in [0, 1)"),
         ("resnet.label_smoothing", -0.1, "resnet.label_smoothing must be in [0, 1)"),
         ("train.patience", -1, "train.patience must be an integer >= 0 (0 turns early stopping off)"),
@@ -179,7 +180,7 @@ def test_stage_reports_bad_params_in_one_line_without_traceback(tmp_path: Path):
 
 def test_stage_without_data_says_how_to_get_it(tmp_path: Path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = run_stage("split.py", tmp_path)
+    result = run_cli(tmp_path, "split")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: data/train/ not found; run `make data` for the embedded sample "
@@ -187,11 +188,40 @@ def test_stage_without_data_says_how_to_get_it(tmp_path: Path):
     ]
 
 
-@pytest.mark.parametrize("head_epochs", [0, 5])
-def test_staged_needs_head_epochs_within_the_run(raw, head_epochs):
-    raw["resnet"].update({"strategy": "staged", "epochs": 5, "head_epochs": head_epochs})
-    with pytest.raises(ConfigError, match=r"resnet\.head_epochs must be an integer from 1 to resnet\.epochs - 1 \(4\)"):
-        parse_params(raw)
+@pytest.mark.parametrize("section", ["train", "resnet"])
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_one_key_epochs_override_runs_with_every_default(raw, section, epochs):
+    """`dvc exp run -S train.epochs=1` is the first thing people try: no default may make it fail. A warm-up that
+    would fill the run is halved to fit, and says so in one line."""
+    p = parse_params(with_value(raw, f"{section}.epochs", epochs))
+    recipe = getattr(p, section)
+    default = raw[section]["warmup_epochs"]
+    if default < epochs:
+        assert recipe.warmup == default and recipe.adjustments() == []
+    else:
+        assert recipe.warmup == epochs / 2
+        assert recipe.adjustments() == [
+            f"{section}.warmup_epochs ({default:g}) is not shorter than {section}.epochs ({epochs}): warming up over "
+            f"the first half of the run ({epochs / 2:g} epochs) instead"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "head_epochs", "head_phase"), [(5, 0, 0), (5, 2, 2), (5, 5, 4), (1, 1, 0), (3, 9, 2)]
+)
+def test_staged_head_phase_leaves_the_unfrozen_stages_an_epoch(raw, epochs, head_epochs, head_phase):
+    raw["resnet"].update({"strategy": "staged", "epochs": epochs, "head_epochs": head_epochs, "warmup_epochs": 0.0})
+    recipe = parse_params(raw).resnet
+    assert recipe.head_phase == head_phase
+    shortened = [line for line in recipe.adjustments() if line.startswith("resnet.head_epochs")]
+    assert shortened == (
+        []
+        if head_phase == head_epochs
+        else [
+            f"resnet.head_epochs ({head_epochs}) leaves no epoch of resnet.epochs ({epochs}) for the unfrozen "
+            f"stages: training the head alone for {head_phase} epochs instead"
+        ]
+    )
 
 
 @pytest.mark.parametrize(

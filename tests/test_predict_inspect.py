@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
-from inatpipe.checkpoint import save_checkpoint
+from inatpipe.checkpoint import ModelSpec, save_checkpoint
 from inatpipe.cli import main
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.index import scan_folder
-from inatpipe.data.transforms import eval_transform
-from inatpipe.inspection import describe, guided_backprop, layer_table
+from inatpipe.evaluation.inspection import describe, guided_backprop, layer_table
 from inatpipe.models import build_model
 from inatpipe.runtime import seed_everything
-from inatpipe.training import fit
+from inatpipe.training.loop import fit
 
-from .conftest import ROOT, write_image_folder
+from .conftest import MEAN, STD, folder_loader, write_image_folder
+from .stages import inatpipe
 
 CONFIG = {"image_size": 16, "num_filters": (8, 16), "dense_neurons": 32, "dropout": 0.0}
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 CLASSES = ["cat", "dog", "owl"]
 
 
@@ -35,25 +31,13 @@ def checkpoint(tmp_path_factory) -> Path:
     """FlexibleCNN trained for a few epochs on three colour-coded classes, saved as the pipeline saves it."""
     root = tmp_path_factory.mktemp("trained")
     generator = seed_everything(0)
-    dataset = IndexDataset(
-        scan_folder(write_image_folder(root / "train", per_class=10)), CLASSES, eval_transform(16, MEAN, STD)
-    )
-    loader = make_loader(dataset, 8, shuffle=True, generator=generator)
+    loader = folder_loader(write_image_folder(root / "train", per_class=10), CLASSES, shuffle=True, generator=generator)
     model = build_model("flexible_cnn", len(CLASSES), CONFIG)
     for _ in fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loader, 6, torch.device("cpu")):
         pass
     path = root / "flexible.pt"
-    save_checkpoint(
-        path, model, model_name="flexible_cnn", model_config=CONFIG, classes=CLASSES, image_size=16, mean=MEAN, std=STD
-    )
+    save_checkpoint(path, ModelSpec("flexible_cnn", CONFIG, CLASSES, 16, MEAN, STD), model.state_dict())
     return path
-
-
-def inatpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run(
-        [sys.executable, "-m", "inatpipe.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
 
 
 def test_predict_a_folder_gives_the_trained_classes_and_skips_an_unreadable_file(checkpoint: Path, tmp_path: Path):
@@ -61,7 +45,7 @@ def test_predict_a_folder_gives_the_trained_classes_and_skips_an_unreadable_file
     folder = write_image_folder(tmp_path / "new", per_class=4, seed=7, ext=".jpg")
     (folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (folder / "notes.txt").write_text("not an image")
-    result = inatpipe("predict", "--model", str(checkpoint), str(folder), "--csv", "out/pred.csv", cwd=tmp_path)
+    result = inatpipe(tmp_path, "predict", "--model", str(checkpoint), str(folder), "--csv", "out/pred.csv")
 
     assert result.returncode == 0, result.stderr
     assert "warning: skipping" in result.stderr and "broken.jpg" in result.stderr and "Traceback" not in result.stderr
@@ -154,14 +138,73 @@ def test_filters_and_guided_backprop_images(checkpoint: Path, tmp_path: Path, ca
         assert img.format == "PNG" and img.size == (440, 230 * len(images))
 
 
-def test_guided_backprop_passes_only_positive_gradients_through_activations():
+def hooked_guided_backprop(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Guided backprop the classic way, independently of the library: a backward hook on every ReLU keeps only the
+    positive part of the gradient it passes down (Springenberg et al., 2015)."""
+
+    def positive(_module, grad_input, _grad_output):
+        return (grad_input[0].clamp(min=0),)
+
+    handles = [m.register_full_backward_hook(positive) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        model.eval()
+        model(x.unsqueeze(0))[0, target].backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return x.grad
+
+
+def test_guided_backprop_equals_a_hook_based_computation():
     seed_everything(0)
     model = build_model("flexible_cnn", 3, CONFIG)
     x = torch.randn(3, 16, 16)
     guided, target = guided_backprop(model, x, target=1)
-    vanilla = x.clone().requires_grad_(True)
-    model.eval()
-    model(vanilla.unsqueeze(0))[0, 1].backward()
     assert target == 1 and guided.shape == x.shape and torch.isfinite(guided).all()
+    torch.testing.assert_close(guided, hooked_guided_backprop(model, x, 1))
+    vanilla = x.clone().requires_grad_(True)
+    model(vanilla.unsqueeze(0))[0, 1].backward()
     assert not torch.allclose(guided, vanilla.grad)  # the guidance changed the gradient
-    assert not any(m._forward_hooks for m in model.modules())  # hooks are removed afterwards
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # hooks are removed afterwards
+    assert guided_backprop(model, x)[1] == int(model(x.unsqueeze(0)).argmax())  # by default: the predicted class
+
+
+def test_predict_sees_an_exif_rotated_photo_upright(checkpoint: Path, tmp_path: Path, capsys):
+    """A phone photo stores its pixels sideways and says so in an EXIF tag: predict must see it as training does."""
+    rng = np.random.default_rng(3)
+    upright = rng.integers(0, 80, size=(20, 30, 3))
+    upright[:, :15, 0] += 170  # red on the left, blue on the right: turned sideways, another picture
+    upright[:, 15:, 2] += 170
+    stored = np.rot90(upright.astype(np.uint8), k=1)  # turned a quarter anticlockwise; orientation 6 turns it back
+    photo = Image.fromarray(np.ascontiguousarray(stored))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "photo.jpg") as img:  # the decoded pixels, as stored (no EXIF applied)
+        decoded = np.asarray(img.convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(np.rot90(decoded, k=-1))).save(tmp_path / "upright.png")
+    Image.fromarray(decoded).save(tmp_path / "sideways.png")
+
+    code, out, err = run_main(
+        capsys,
+        "predict",
+        "--model",
+        str(checkpoint),
+        "--top-k",
+        "3",
+        "--csv",
+        str(tmp_path / "p.csv"),
+        str(tmp_path / "photo.jpg"),
+        str(tmp_path / "upright.png"),
+        str(tmp_path / "sideways.png"),
+    )
+    assert code == 0, err
+    with (tmp_path / "p.csv").open() as f:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(f)}
+
+    def probabilities(name: str) -> dict[str, float]:
+        return {rows[name][f"class_{r}"]: float(rows[name][f"probability_{r}"]) for r in (1, 2, 3)}
+
+    assert probabilities("photo.jpg") == probabilities("upright.png")
+    assert probabilities("photo.jpg") != pytest.approx(probabilities("sideways.png"), abs=1e-4)

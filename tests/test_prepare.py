@@ -1,10 +1,10 @@
-"""Decode once: the prepared arrays equal decoding the originals, loaders read them, `dvc exp run` on a training
-param reuses them, and the worker count resolves from the cores."""
+"""Decode once: the prepared arrays equal decoding the originals, loaders read them, and the worker count resolves
+from the cores. (That an experiment on a training param reuses them is DVC's part: tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
+import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +12,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torchvision.transforms import v2
 
+from inatpipe.cores import loader_workers, usable_cores
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.images import open_rgb
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, decode, prepare, prepared_side, read_meta
-from inatpipe.data.transforms import BatchAugment, BatchResize, eval_transform
+from inatpipe.data.transforms import BatchAugment, BatchResize
 from inatpipe.errors import ConfigError, UserError
 from inatpipe.params import parse_params
-from inatpipe.runtime import resolve_num_workers, usable_cores
 
-from .conftest import ROOT, write_dataset
+from .conftest import ROOT
 from .test_params import with_value
 
 CLASSES = ["cat", "dog"]
@@ -72,7 +73,15 @@ def test_loader_over_prepared_images_normalises_like_the_per_image_transform(tmp
     loader = NormalizedLoader(make_loader(dataset, 4, num_workers=1), mean, std, torch.device("cpu"))
     batches = list(loader)
     assert len(loader) == 2 and loader.batch_size == 4
-    per_image = eval_transform(16, mean, std)
+    # The per-image way, with torchvision's own transforms: resize each image, scale to [0, 1], normalise.
+    per_image = v2.Compose(
+        [
+            v2.Resize((16, 16), antialias=True),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
     images = np.load(tmp_path / "prepared" / "train.npy")
     expected = torch.stack([per_image(Image.fromarray(img)) for img in images])
     got = torch.cat([x for x, _ in batches])
@@ -127,11 +136,19 @@ def test_missing_prepared_folder_says_how_to_make_it(tmp_path):
         PreparedDataset(tmp_path, "train")
 
 
-def test_num_workers_auto_resolves_from_the_usable_cores_and_a_number_overrides():
-    cores = usable_cores()
-    workers = resolve_num_workers("auto")
-    assert isinstance(workers, int) and 0 <= workers <= 4 and workers == max(0, min(4, cores - 1))
-    assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
+# Loader workers for `auto` by usable cores: one core is left to training, and more than 4 only queue batches.
+AUTO_WORKERS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4, 8: 4, 64: 4}
+
+
+def test_num_workers_auto_follows_the_cores_this_process_may_use():
+    cores = sorted(os.sched_getaffinity(0))
+    try:
+        for n in [n for n in AUTO_WORKERS if n <= len(cores)]:
+            os.sched_setaffinity(0, cores[:n])  # as taskset or a container's cpuset narrows it
+            assert (usable_cores(), loader_workers("auto")) == (n, AUTO_WORKERS[n])
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert loader_workers(3) == 3 and loader_workers(0) == 0  # a number is taken as it is
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert parse_params(with_value(raw, "data.num_workers", "auto")).data.num_workers == "auto"
@@ -139,44 +156,3 @@ def test_num_workers_auto_resolves_from_the_usable_cores_and_a_number_overrides(
     for bad in ("many", -1, 1.5, True):
         with pytest.raises(ConfigError, match="data.num_workers must be"):
             parse_params(with_value(raw, "data.num_workers", bad))
-
-
-@pytest.mark.slow
-def test_exp_run_on_a_training_param_reuses_the_prepared_images(tmp_path):
-    from .test_pipeline import Project
-
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    write_dataset(root / "data", train_per_class=6, test_per_class=2, size=16)
-    p = Project(root)
-    p.set_params(
-        {
-            "data": {"image_size": 16},
-            "model": {"num_filters": [4], "dense_neurons": 8},
-            "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0.0},
-        }
-    )
-    p.git("init", "-q")
-    p.git("config", "user.email", "test@example.com")
-    p.git("config", "user.name", "test")
-    p.dvc("init", "-q")
-    p.dvc("add", "-q", "data")
-    p.git("add", "-A")
-    p.git("commit", "-qm", "project")
-    out = p.dvc("repro", "train_flexible").stdout
-    assert "Running stage 'prepare'" in out and "Running stage 'train_flexible'" in out
-    rows = {n: len((root / f"artifacts/split/{n}.csv").read_text().splitlines()) - 1 for n in ("train", "val", "test")}
-    assert read_meta(root / "artifacts" / "prepared")["counts"] == rows and sum(rows.values()) == 24
-    p.git("add", "-A")
-    p.git("commit", "-qm", "baseline")
-
-    out = p.dvc("exp", "run", "train_flexible", "-S", "train.learning_rate=0.01").stdout
-    assert "Running stage 'train_flexible'" in out
-    assert "Running stage 'prepare'" not in out and "Running stage 'stats'" not in out
-    out = p.dvc("exp", "run", "train_flexible", "-S", "data.image_size=24").stdout
-    assert "Running stage 'prepare'" in out
-    assert read_meta(root / "artifacts" / "prepared", 24)["side"] == prepared_side(24)

@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from inatpipe.checkpoint import load_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.index import scan_folder
-from inatpipe.data.transforms import eval_transform
-from inatpipe.experiment import TrainingData, track, train_with_recipe
+from inatpipe.checkpoint import ModelSpec, load_checkpoint
 from inatpipe.models import build_model
 from inatpipe.params import TrainParams
-from inatpipe.recipe import Progress, build_optimizer, build_scheduler, parameter_groups, training_loss
-from inatpipe.training import EpochMetrics, _update, fit
+from inatpipe.training.loop import EpochMetrics, _update, fit
+from inatpipe.training.recipe import Progress, build_optimizer, build_scheduler, parameter_groups, training_loss
+from inatpipe.training.tracking import RunOutputs, TrainingData, track, train_with_recipe
+
+from .conftest import MEAN, STD, folder_loader
 
 CONFIG = {"image_size": 16, "num_filters": (4, 8), "dense_neurons": 16, "dropout": 0.0}
+CLASSES = ["cat", "dog", "owl"]
 RECIPE = TrainParams(
     epochs=10,
     batch_size=8,
@@ -211,13 +211,10 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun_it(max_seconds, st
 
 
 def tiny_loaders(dataset: Path, batch_size: int = 8) -> TrainingData:
-    index = scan_folder(dataset / "train")
-    classes = sorted(index["label"].unique())
-    tf = eval_transform(16, [0.5] * 3, [0.25] * 3)
     generator = torch.Generator().manual_seed(0)
-    train = make_loader(IndexDataset(index, classes, tf), batch_size, shuffle=True, generator=generator)
-    val = make_loader(IndexDataset(scan_folder(dataset / "val"), classes, tf), batch_size)
-    return TrainingData(classes, 16, [0.5] * 3, [0.25] * 3, train, val)
+    train = folder_loader(dataset / "train", CLASSES, batch_size=batch_size, shuffle=True, generator=generator)
+    val = folder_loader(dataset / "val", CLASSES, batch_size=batch_size)
+    return TrainingData(CLASSES, 16, MEAN, STD, train, val)
 
 
 def test_track_stops_early_and_keeps_the_best_epochs_weights(tmp_path: Path):
@@ -231,18 +228,9 @@ def test_track_stops_early_and_keeps_the_best_epochs_weights(tmp_path: Path):
                 model.head[-1].bias.fill_(m.epoch)  # marks the weights with the epoch that produced them
             yield m
 
-    data = TrainingData(["a", "b", "c"], 16, [0.5] * 3, [0.25] * 3, train=None, val=None)
-    summary = track(
-        model,
-        history(),
-        data,
-        epochs=len(accuracies),
-        patience=3,
-        live_dir=tmp_path / "live",
-        checkpoint=tmp_path / "best.pt",
-        model_name="flexible_cnn",
-        model_config=CONFIG,
-    )
+    spec = ModelSpec("flexible_cnn", CONFIG, ["a", "b", "c"], 16, MEAN, STD)
+    outputs = RunOutputs(tmp_path / "live", tmp_path / "best.pt")
+    summary = track(model, history(), spec, outputs, Progress(epochs=len(accuracies), patience=3))
     assert summary["stop"] == {"epoch": 5, "reason": "early_stopping"}
     assert summary["best"]["epoch"] == 2 and summary["best"]["val_accuracy"] == 0.9
     restored, meta = load_checkpoint(tmp_path / "best.pt")
@@ -257,17 +245,19 @@ def test_a_compiled_run_learns_and_checkpoints_the_plain_model(tmp_path: Path, d
     """recipe.compile trains through torch.compile; the optimizer moves the model's own weights, and the checkpoint
     holds the uncompiled model's keys (no `_orig_mod.` prefix), so it rebuilds as any other."""
     torch.manual_seed(0)
-    model = build_model("flexible_cnn", 3, CONFIG)
+    # One conv block, no batch norm: the fewest kernels for inductor to generate and compile with the C++ compiler,
+    # which takes most of this test's time.
+    config = {**CONFIG, "num_filters": (4,), "batch_norm": False}
+    model = build_model("flexible_cnn", 3, config)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    data = tiny_loaders(dataset, batch_size=6)  # 30 train, 12 val images: no short last batch to compile for
     train_with_recipe(
         model,
-        tiny_loaders(dataset, batch_size=6),  # 30 train, 12 val images: no short last batch to compile for
+        data.spec("flexible_cnn", config),
+        data,
         recipe(epochs=3, warmup_epochs=0.0, compile=True),
-        device=torch.device("cpu"),
-        live_dir=tmp_path / "live",
-        checkpoint=tmp_path / "best.pt",
-        model_name="flexible_cnn",
-        model_config=CONFIG,
+        torch.device("cpu"),
+        RunOutputs(tmp_path / "live", tmp_path / "best.pt"),
     )
     logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
     losses = [float(line.split("\t")[1]) for line in logged]
@@ -277,3 +267,19 @@ def test_a_compiled_run_learns_and_checkpoints_the_plain_model(tmp_path: Path, d
     assert not torch.equal(saved["features.0.weight"], initial["features.0.weight"])
     restored, _ = load_checkpoint(tmp_path / "best.pt")
     assert list(restored.state_dict()) == list(initial)
+
+
+def test_a_tracked_run_logs_each_epochs_learning_rate(tmp_path: Path, dataset: Path):
+    """The curve `dvc plots show` draws as "Learning rate": one point per epoch, the rate of its last batch."""
+    torch.manual_seed(0)
+    data = tiny_loaders(dataset)
+    model = build_model("flexible_cnn", 3, CONFIG)
+    r = recipe(epochs=3, warmup_epochs=0.0, scheduler="cosine", learning_rate=1e-2)
+    train_with_recipe(
+        model, data.spec("flexible_cnn", CONFIG), data, r, torch.device("cpu"), RunOutputs(tmp_path, tmp_path / "m.pt")
+    )
+    tsv = (tmp_path / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()
+    steps, rates = zip(*[(int(a), float(b)) for a, b in (line.split("\t") for line in tsv[1:])], strict=True)
+    batches = len(data.train)  # 30 images in batches of 8: 4 per epoch
+    expected = [1e-2 * (1 + math.cos(math.pi * (e * batches - 1) / (3 * batches))) / 2 for e in (1, 2, 3)]
+    assert steps == (1, 2, 3) and rates == pytest.approx(expected)

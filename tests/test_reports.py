@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import classification_report
 
-from inatpipe.compare import report_markdown, strategy_text, weights_source
 from inatpipe.data.index import scan_folder
-from inatpipe.evaluation import Predictions, classification_metrics, expected_calibration_error, reliability_bins
-from inatpipe.reports import (
+from inatpipe.evaluation.compare import report_markdown, strategy_text, weights_source
+from inatpipe.evaluation.figures import (
     CELL_INCHES,
     DPI,
     GRID_COLUMNS,
@@ -22,6 +21,12 @@ from inatpipe.reports import (
     comparison_bars,
     per_class_markdown,
     write_model_report,
+)
+from inatpipe.evaluation.metrics import (
+    Predictions,
+    classification_metrics,
+    expected_calibration_error,
+    reliability_bins,
 )
 
 from .conftest import write_image_folder
@@ -112,9 +117,8 @@ def test_model_report_images_have_one_row_per_class(tmp_path: Path):
     m = classification_metrics(pred, list(classes))
 
     out = tmp_path / "reports" / "m"
-    written = write_model_report(
-        out, "m", m, index["path"].tolist(), targets, pred.predicted, pred.confidence, list(classes)
-    )
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in index["path"]])
+    written = write_model_report(out, "m", m, images, targets, pred.predicted, pred.confidence, list(classes))
     assert {p.name for p in written} == {
         "prediction_grid.png",
         "confident_mistakes.png",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +17,20 @@ import torch
 import torchvision
 from torch import nn
 
-from inatpipe.recipe import Progress
-from inatpipe.resume import (
-    Resumable,
-    ResumeRun,
-    capture_rng,
-    fingerprint,
-    restore_rng,
-)
-from inatpipe.training import EpochMetrics
+from inatpipe.dvc_cli import stage_spec
+from inatpipe.params import read_raw
+from inatpipe.training.loop import EpochMetrics
+from inatpipe.training.recipe import Progress
+from inatpipe.training.resume import CONTENT_LIMIT, Resumable, ResumeRun, capture_rng, fingerprint, restore_rng
 
+from . import stages
+from .conftest import write_dataset
 from .project import Project, new_project
+from .stages import folder_project, inside, saved_epoch, wait_for_saved_epoch
 
+pytestmark = pytest.mark.xdist_group("resume")  # its costly fixtures are built once, on one worker
+
+CPU = torch.device("cpu")
 STATE = Path(".resume/train_flexible.pt")
 RESNET_STATE = Path(".resume/train_resnet.pt")
 
@@ -141,31 +143,48 @@ def test_a_state_from_other_params_code_or_data_is_discarded_saying_which(tmp_pa
     assert f"{' and '.join(changed)} changed since epoch 2 was saved" in out
 
 
-def test_fingerprint_follows_params_code_and_data(tmp_path: Path):
-    stage = tmp_path / "stage.py"
-    stage.write_text("print('stage')\n")
-    index, image = tmp_path / "train.csv", tmp_path / "a.png"
-    index.write_text("path,label\na.png,cat\n")
-    image.write_bytes(b"png")
-    base = Resumable(tmp_path / "s.pt", {"train": {"learning_rate": 0.1}}, stage)
-    cpu = torch.device("cpu")
-
-    def fp(resumable: Resumable = base) -> dict[str, str]:
-        return fingerprint(resumable, cpu, [index], [str(image)])
-
-    first = fp()
-    assert fp() == first
-    assert fp(Resumable(base.path, {"train": {"learning_rate": 0.2}}, stage))["params"] != first["params"]
-    assert fingerprint(base, torch.device("meta"), [index], [str(image)])["params"] != first["params"]
-    stage.write_text("print('changed')\n")
-    assert fp()["code"] != first["code"]
-    stage.write_text("print('stage')\n")
-    image.write_bytes(b"png, rewritten")
-    assert fp()["data"] != first["data"]
-    assert {key for key in first if fp()[key] != first[key]} == {"data"}
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
 
 
-# The real thing: `dvc repro` of train_flexible killed with SIGKILL mid-run, then rerun.
+def test_fingerprint_is_exactly_what_dvc_yaml_declares(tmp_path: Path):
+    """A train_flexible state matches its stage's params, source files and data in dvc.yaml: an edit anywhere
+    else (the sweep report, an evaluation setting) keeps it; an edit to anything it declares discards it."""
+    root = folder_project(tmp_path / "project", {})
+    for name, text in (("split/classes.json", '["a", "b"]'), ("stats.json", "{}"), ("prepared/meta.json", "{}")):
+        (root / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "artifacts" / name).write_text(text)
+    big = root / "artifacts" / "prepared" / "train.npy"
+    big.write_bytes(b"\0" * (CONTENT_LIMIT + 1))  # too large to hash: by size and modification time
+    state = Resumable(root / ".resume" / "train_flexible.pt", "train_flexible")
+
+    def changed(change, *args) -> set[str]:
+        with inside(root):
+            before = fingerprint(state, CPU)
+            change(*args)
+            after = fingerprint(state, CPU)
+        return {key for key in before if before[key] != after[key]}
+
+    assert changed(lambda: None) == set()
+    assert changed(edit, root / "src/inatpipe/sweep/report.py", '"""', '"""Edited. ') == set()
+    assert changed(edit, root / "src/inatpipe/evaluation/figures.py", '"""', '"""Edited. ') == set()
+    params = Project(root).set_params
+    assert changed(params, {"evaluate": {"batch_size": 100}, "resnet": {"epochs": 2}}) == set()
+    assert changed(params, {"train": {"learning_rate": 3.0e-3}}) == {"params"}
+    assert changed(params, {"model": {"kernel_size": 5}}) == {"params"}
+    assert changed(edit, root / "src/inatpipe/training/loop.py", '"""', '"""Edited. ') == {"code"}
+    assert changed(edit, root / "src/inatpipe/models/flexible_cnn.py", '"""', '"""Edited. ') == {"code"}
+    assert changed(edit, root / "stages/train_flexible.py", '"""', '"""Edited. ') == {"code"}
+    assert changed(edit, root / "artifacts/stats.json", "{}", '{"mean": 1}') == {"data"}
+    assert changed(lambda: os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 10**9))) == {"data"}
+    with inside(root):
+        assert fingerprint(state, torch.device("meta"))["params"] != fingerprint(state, CPU)["params"]
+
+
+# Interrupted runs. The real thing once: `dvc repro` of train_flexible killed with SIGKILL mid-run, then rerun. The
+# others stop in this process right after a resume state is written, which is where a kill leaves a run.
 
 EPOCHS = 8
 PARAMS = {
@@ -180,11 +199,13 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Project:
-    """A project whose split and stats stages have run: only train_flexible is left to run."""
+    """A git + DVC project whose split, prepare and stats stages have run: only train_flexible is left to run."""
     p = new_project(tmp_path_factory.mktemp("resume"), PARAMS, train_per_class=12, test_per_class=4, size=16)
-    p.dvc("repro", "stats")
+    for stage in ("split", "prepare", "stats"):
+        stages.run(p.root, stage)
+    p.dvc("commit", "--force", "--with-deps", "stats")  # record them in dvc.lock, as `dvc repro stats` would
     p.git("add", "-A")
-    p.git("commit", "-qm", "split and stats")
+    p.git("commit", "-qm", "split, prepare and stats")
     return p
 
 
@@ -193,29 +214,19 @@ def copy_of(p: Project, root: Path) -> Project:
     return Project(root)
 
 
-def saved_epoch(p: Project, state: Path = STATE) -> int:
-    try:  # mmap: the epoch without reading a ResNet's weights
-        return torch.load(p.root / state, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    except Exception:  # not written yet; written atomically, so never half-read
-        return 0
-
-
-def kill_after_epoch(p: Project, epoch: int, *cmd: str, model: str = "flexible", epochs: int = EPOCHS) -> int:
-    """Start `cmd` (`dvc repro train_<model>`), SIGKILL it (DVC and the stage) once a resume state for `epoch` or
-    later is saved; returns that epoch."""
-    state = Path(f".resume/train_{model}.pt")
+def kill_after_epoch(p: Project, epoch: int, epochs: int = EPOCHS) -> int:
+    """Start `dvc repro train_flexible`, SIGKILL it (DVC and the stage) once a resume state for `epoch` or later is
+    saved; returns that epoch."""
     with (p.root / "killed.log").open("w") as log:
         proc = subprocess.Popen(
-            cmd or [sys.executable, "-m", "dvc", "repro", f"train_{model}"],
+            [sys.executable, "-m", "dvc", "repro", "train_flexible"],
             cwd=p.root,
             env=p.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the kill reaches the stage's processes too
         )
-        deadline = time.monotonic() + 120
-        while (saved := saved_epoch(p, state)) < epoch and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        saved = wait_for_saved_epoch(p.root / STATE, epoch, proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert epoch <= saved < epochs, (
@@ -224,23 +235,66 @@ def kill_after_epoch(p: Project, epoch: int, *cmd: str, model: str = "flexible",
     return saved
 
 
-def results(p: Project, model: str = "flexible") -> tuple[dict, dict[str, str], dict]:
-    metrics = p.json(f"metrics/train_{model}/metrics.json")
+class Stopped(BaseException):
+    """Ends a run in this process the moment a resume state is written, as a kill then would: nothing after runs."""
+
+
+def run_stopped_after(root: Path, stage: str, epoch: int, monkeypatch) -> None:
+    """Run `stage` in this process and stop it right after it saved the resume state of `epoch`."""
+    original = ResumeRun.save
+
+    def save_then_stop(self, model, best_model, progress, history, elapsed_seconds):
+        original(self, model, best_model, progress, history, elapsed_seconds)
+        if progress.last_epoch >= epoch:
+            raise Stopped
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeRun, "save", save_then_stop)
+        with pytest.raises(Stopped):
+            stages.run(root, stage)
+
+
+def rerun_as_dvc_does(root: Path, stage: str, capsys) -> str:
+    """Delete the stage's outputs (as DVC does before rerunning a stage), run it; returns what it printed."""
+    spec = stage_spec(stage, read_raw(root / "params.yaml"), root / "dvc.yaml")
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind) or []:
+            out = root / (next(iter(entry)) if isinstance(entry, dict) else entry)
+            shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    capsys.readouterr()
+    stages.run(root, stage)
+    return capsys.readouterr().out
+
+
+def results(root: Path, model: str = "flexible") -> tuple[dict, dict[str, str], dict]:
+    metrics = json.loads((root / f"metrics/train_{model}/metrics.json").read_text())
     metrics.pop("train_seconds")
-    plots = p.root / f"metrics/train_{model}/plots"
+    plots = root / f"metrics/train_{model}/plots"
     curves = {f.relative_to(plots).as_posix(): f.read_text() for f in sorted(plots.rglob("*.tsv"))}
-    ckpt = torch.load(p.root / f"models/{model}.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(root / f"models/{model}.pt", map_location="cpu", weights_only=True)
     return metrics, curves, ckpt
+
+
+def assert_same_run(root: Path, reference: Path, model: str, epochs: int) -> None:
+    """The resumed run ended as the uninterrupted one: metrics, curves, checkpoint tensor for tensor."""
+    metrics, curves, ckpt = results(root, model)
+    ref_metrics, ref_curves, ref_ckpt = results(reference, model)
+    assert metrics == ref_metrics and metrics["stop"]["epoch"] == epochs
+    assert len(curves) == 5 and curves == ref_curves
+    steps = [int(line.split("\t")[0]) for line in curves["metrics/val/accuracy.tsv"].splitlines()[1:]]
+    assert steps == list(range(1, epochs + 1))
+    state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
+    assert ckpt == ref_ckpt
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(prepared: Project, tmp_path: Path):
     reference = copy_of(prepared, tmp_path / "reference")
-    out = reference.dvc("repro", "train_flexible").stdout
-    assert "resuming" not in out and not (reference.root / STATE).exists()
-    ref_metrics, ref_curves, ref_ckpt = results(reference)
+    stages.run(reference.root, "train_flexible")  # uninterrupted, in this process: what dvc repro would run
+    assert not (reference.root / STATE).exists()
 
-    best = ref_ckpt["extra"]["epoch"]
+    best = results(reference.root)[2]["extra"]["epoch"]
     assert best + 1 < EPOCHS, f"best epoch {best} leaves no room for a kill after it: retune PARAMS"
     p = copy_of(prepared, tmp_path / "killed")
     killed_at = kill_after_epoch(p, best + 1)
@@ -250,36 +304,32 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(prepared: Project
     assert killed_at <= resumed_from < EPOCHS
     assert f"epoch {resumed_from}/{EPOCHS} " not in out and f"epoch {resumed_from + 1}/{EPOCHS} " in out
     assert not (p.root / STATE).exists()
-
-    metrics, curves, ckpt = results(p)
-    assert metrics == ref_metrics
-    assert len(curves) == 5 and curves == ref_curves
-    steps = [int(line.split("\t")[0]) for line in curves["metrics/val/accuracy.tsv"].splitlines()[1:]]
-    assert steps == list(range(1, EPOCHS + 1))
-    state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
-    assert ckpt == ref_ckpt and ckpt["extra"]["epoch"] < killed_at
-    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert_same_run(p.root, reference.root, "flexible", EPOCHS)
+    assert results(p.root)[2]["extra"]["epoch"] < killed_at  # the best epoch's weights came from the state
 
 
 @pytest.mark.slow
-def test_a_state_from_other_params_is_discarded_and_training_starts_over(prepared: Project, tmp_path: Path):
+def test_a_state_from_other_params_is_discarded_and_training_starts_over(
+    prepared: Project, tmp_path: Path, monkeypatch, capsys
+):
     p = copy_of(prepared, tmp_path / "project")
-    kill_after_epoch(p, 1, sys.executable, "stages/train_flexible.py")  # without DVC: quicker, the same state
+    run_stopped_after(p.root, "train_flexible", 1, monkeypatch)
+    assert saved_epoch(p.root / STATE) == 1
     p.set_params({"train": {"learning_rate": 1.0e-2}})
-    out = p.dvc("repro", "train_flexible").stdout
-    assert f"discarding the resume state {STATE}: params changed since epoch" in out
+    out = rerun_as_dvc_does(p.root, "train_flexible", capsys)
+    assert f"discarding the resume state {STATE}: params changed since epoch 1 was saved" in out
     assert "resuming" not in out and f"epoch 1/{EPOCHS} " in out
     assert not (p.root / STATE).exists()
-    assert p.json("metrics/train_flexible/metrics.json")["stop"]["epoch"] == EPOCHS
+    assert json.loads((p.root / "metrics/train_flexible/metrics.json").read_text())["stop"]["epoch"] == EPOCHS
 
 
-# train_resnet the same way: staged fine-tuning on images (killed in or after the switch), the head on features.
+# train_resnet the same way: staged fine-tuning on images (stopped in or after the switch), the head on features.
 
 RESNET_PARAMS = {
     "data": {"image_size": 32, "augment": False, "num_workers": 0},
     "resnet": {"arch": "resnet18", "epochs": 8, "batch_size": 8, "learning_rate": 1.0e-2, "warmup_epochs": 0.0},
 }
-# The head on features (the fixture's params) takes an instant per epoch: 8 epochs leave time to kill it mid-way.
+# The head on features (the fixture's params) takes an instant per epoch: 8 epochs leave room to stop it mid-way.
 # Staged epochs run the backbone; augmented, as by default, so the resumed run must draw the same random crops.
 RESNET_RUNS = {
     "head": {},
@@ -291,54 +341,44 @@ RESNET_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def resnet_prepared(tmp_path_factory) -> Project:
+def resnet_prepared(tmp_path_factory) -> Path:
     """A project with resnet18 weights from a file, whose stages up to features have run (strategy head)."""
     root = tmp_path_factory.mktemp("resume_resnet")
     weights = root / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     params = {**RESNET_PARAMS, "resnet": {**RESNET_PARAMS["resnet"], "weights": str(weights)}}
-    p = new_project(root / "project", params, train_per_class=12, test_per_class=4, size=16)
-    p.dvc("repro", "features")
-    p.git("add", "-A")
-    p.git("commit", "-qm", "split, prepare, stats and features")
-    return p
+    project = folder_project(root / "project", params)
+    write_dataset(project / "data", train_per_class=12, test_per_class=4, size=16)
+    for stage in ("split", "prepare", "stats", "features"):
+        stages.run(project, stage)
+    return project
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", RESNET_RUNS)
-def test_a_killed_resnet_run_resumes_and_ends_as_an_uninterrupted_one(
-    resnet_prepared: Project, tmp_path: Path, strategy: str
+def test_a_stopped_resnet_run_resumes_and_ends_as_an_uninterrupted_one(
+    resnet_prepared: Path, tmp_path: Path, strategy: str, monkeypatch, capsys
 ):
-    base = copy_of(resnet_prepared, tmp_path / "base")
+    base = tmp_path / "base"
+    shutil.copytree(resnet_prepared, base)
     if RESNET_RUNS[strategy]:
-        base.set_params(RESNET_RUNS[strategy])
-        base.dvc("repro", "features")  # a note that the backbone runs every epoch
+        Project(base).set_params(RESNET_RUNS[strategy])
+        stages.run(base, "features")  # a note that the backbone runs every epoch
     epochs = {**RESNET_PARAMS["resnet"], **RESNET_RUNS[strategy].get("resnet", {})}["epochs"]
-    reference, p = copy_of(base, tmp_path / "reference"), copy_of(base, tmp_path / "killed")
-    out = reference.run(sys.executable, "stages/train_resnet.py").stdout  # what dvc repro runs, a little quicker
-    assert "resuming" not in out and not (reference.root / RESNET_STATE).exists()
+    reference, root = tmp_path / "reference", tmp_path / "stopped"
+    shutil.copytree(base, reference)
+    shutil.copytree(base, root)
+    capsys.readouterr()
+    stages.run(reference, "train_resnet")
+    out = capsys.readouterr().out
+    assert "resuming" not in out and not (reference / RESNET_STATE).exists()
     assert ("cached backbone features from artifacts/features/backbone.pt" in out) == (strategy == "head")
-    ref_metrics, ref_curves, ref_ckpt = results(reference, "resnet")
 
-    # Killed without DVC (quicker, the same state; the flexible test kills DVC too), resumed by dvc repro, which
-    # deletes the outputs the resumed run must then rewrite.
-    killed_at = kill_after_epoch(p, 1, sys.executable, "stages/train_resnet.py", model="resnet", epochs=epochs)
-    if strategy == "head":  # the cached features are part of the data a state must match
-        other = copy_of(p, tmp_path / "other_features")
-        features = other.root / "artifacts/features/backbone.pt"
-        os.utime(features, ns=(features.stat().st_atime_ns, features.stat().st_mtime_ns + 10**9))
-        out = other.run(sys.executable, "stages/train_resnet.py").stdout
-        assert f"discarding the resume state {RESNET_STATE}: data changed since epoch" in out
-        assert "resuming" not in out and f"epoch 1/{epochs} " in out
-    out = p.dvc("repro", "train_resnet").stdout
+    run_stopped_after(root, "train_resnet", 1, monkeypatch)
+    out = rerun_as_dvc_does(root, "train_resnet", capsys)
     resumed_from = int(out.split("resuming from epoch ")[1].split()[0])
-    assert killed_at <= resumed_from < epochs
+    assert resumed_from == 1
     assert f"epoch {resumed_from}/{epochs} " not in out and f"epoch {resumed_from + 1}/{epochs} " in out
-    assert not (p.root / RESNET_STATE).exists()
-
-    metrics, curves, ckpt = results(p, "resnet")
-    assert metrics == ref_metrics and metrics["strategy"] == strategy and metrics["stop"]["epoch"] == epochs
-    assert len(curves) == 5 and curves == ref_curves
-    state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
-    assert ckpt == ref_ckpt
-    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert not (root / RESNET_STATE).exists()
+    assert_same_run(root, reference, "resnet", epochs)
+    assert results(root, "resnet")[0]["strategy"] == strategy

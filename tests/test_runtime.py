@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from inatpipe.dvc_cli import queue_workers
 from inatpipe.errors import UserError
-from inatpipe.runtime import configure_threads, queue_workers, threads_for
+from inatpipe.runtime import configure_threads, threads_for
 
 
 def fake_queue(root: Path, workers: list[tuple[int, int | None]]) -> Path:

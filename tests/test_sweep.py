@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import yaml
 
 from inatpipe.errors import UserError
 from inatpipe.params import parse_params, read_raw
-from inatpipe.sweep import (
+from inatpipe.sweep.report import build_report
+from inatpipe.sweep.space import (
     Choice,
     Range,
     check_space,
@@ -25,6 +25,7 @@ from inatpipe.sweep import (
 
 from .conftest import ROOT
 from .project import Project
+from .stages import Result, inatpipe
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +147,8 @@ def test_values_are_written_as_dvc_reads_them(value, text):
     assert format_value("a,b") == "'a,b'"  # a bare comma would make Hydra queue a grid
 
 
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env_path = str(ROOT / "src")
-    return subprocess.run(
-        [sys.executable, "-m", "inatpipe.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
-    )
+def run_cli(cwd: Path, *args: str) -> Result:
+    return inatpipe(cwd, *args)
 
 
 def test_cli_dry_run_prints_named_queue_commands(tmp_path: Path):
@@ -188,7 +182,43 @@ def test_report_without_finished_experiments_is_one_line_and_exit_2(tmp_path: Pa
     p.git("init", "-q")
     p.dvc("init", "-q")
     p.git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "empty")
-    result = p.inatpipe("sweep", "report", check=False)
+    result = inatpipe(tmp_path, "sweep", "report")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: no finished experiments to rank; queue some with")
     assert "Traceback" not in result.stderr and not (tmp_path / "reports").exists()
+
+
+def experiment(name: str, val: float, loss: float, trained: str, scored: str, test: float) -> dict:
+    """One experiment as `dvc exp show --json` lists it: its params, its metrics, and the hashes of the checkpoint
+    train_flexible wrote (outs) and evaluate@flexible scored (deps)."""
+    metrics = {
+        "metrics/train_flexible/metrics.json": {"data": {"best": {"val_accuracy": val, "val_loss": loss}}},
+        "metrics/evaluate/flexible/metrics.json": {"data": {"test": {"accuracy": test}}},
+    }
+    data = {
+        "params": {"params.yaml": {"data": {"model": {"kernel_size": int(name[-1])}}}},
+        "metrics": metrics,
+        "outs": {"models/flexible.pt": {"hash": trained}},
+        "deps": {"models/flexible.pt": {"hash": scored}},
+    }
+    return {"name": name, "executor": {"state": "success"}, "revs": [{"rev": f"{name}0rev", "data": data}]}
+
+
+def test_report_shows_a_test_accuracy_only_for_the_checkpoint_the_experiment_trained(tmp_path: Path):
+    show = [
+        {
+            "rev": "abc1234",
+            "data": {"params": {"params.yaml": {"data": {"model": {"kernel_size": 3}}}}},
+            "experiments": [
+                experiment("e-5", 0.9, 0.30, trained="h5", scored="h5", test=0.85),  # evaluated its own checkpoint
+                experiment("e-7", 0.9, 0.20, trained="h7", scored="h3", test=0.60),  # the baseline's metrics, kept
+                experiment("e-9", 0.8, 0.10, trained="h9", scored="h9", test=0.70),
+            ],
+        }
+    ]
+    report = build_report(show, tmp_path / "sweep")
+    assert [e.name for e in report.ranked] == ["e-7", "e-5", "e-9"]  # val accuracy, then the lower val loss
+    assert [e.test_accuracy for e in report.ranked] == [None, 0.85, 0.70]
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\|\s+\d+ \|", line)]
+    assert [row.split("|")[-3].strip() for row in rows] == ["–", "0.8500", "0.7000"]

@@ -11,32 +11,29 @@ import numpy as np
 import pytest
 import torch
 
-from inatpipe.checkpoint import load_checkpoint, save_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
+from inatpipe.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, spec_of
 from inatpipe.data.index import scan_folder
-from inatpipe.data.transforms import eval_transform, train_transform
+from inatpipe.data.prepared import prepare
+from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
-from inatpipe.evaluation import Predictions, classification_metrics, evaluate_checkpoint
+from inatpipe.evaluation.metrics import Predictions, classification_metrics, evaluate_checkpoint
 from inatpipe.models import build_model
 from inatpipe.runtime import choose_device, seed_everything
-from inatpipe.training import EpochMetrics, autocast, fit, native_bf16, resolve_precision
+from inatpipe.training.loop import EpochMetrics, fit
+from inatpipe.training.precision import autocast, native_bf16, resolve_precision
 
-from .conftest import ROOT
+from .conftest import MEAN, ROOT, STD, folder_loader
 
 CONFIG = {"image_size": 16, "num_filters": (8, 16), "dense_neurons": 32, "dropout": 0.0}
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+CLASSES = ["cat", "dog", "owl"]
+SPEC = ModelSpec("flexible_cnn", CONFIG, CLASSES, 16, MEAN, STD)
 
 
 def run_fit(data: Path, seed: int, epochs: int = 3, augment: bool = True) -> list[EpochMetrics]:
     generator = seed_everything(seed)
-    index = scan_folder(data / "train")
-    classes = sorted(index["label"].unique())
-    tf = train_transform(16, MEAN, STD, hflip=True, rotation=10, crop_scale=0.8) if augment else None
-    train = make_loader(
-        IndexDataset(index, classes, tf or eval_transform(16, MEAN, STD)), 8, shuffle=True, generator=generator
-    )
-    val = make_loader(IndexDataset(scan_folder(data / "val"), classes, eval_transform(16, MEAN, STD)), 8)
-    model = build_model("flexible_cnn", len(classes), CONFIG)
+    train = folder_loader(data / "train", CLASSES, shuffle=True, generator=generator, augment=augment)
+    val = folder_loader(data / "val", CLASSES)
+    model = build_model("flexible_cnn", len(CLASSES), CONFIG)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     return list(fit(model, optimizer, train, val, epochs, torch.device("cpu")))
 
@@ -59,34 +56,32 @@ def test_same_seed_same_metrics_other_seed_other_metrics(dataset: Path):
 def test_checkpoint_rebuilds_the_model_with_its_metadata(tmp_path: Path, dataset: Path):
     model = build_model("flexible_cnn", 3, CONFIG).eval()
     path = tmp_path / "models" / "m.pt"
-    classes = ["cat", "dog", "owl"]
-    save_checkpoint(
-        path,
-        model,
-        model_name="flexible_cnn",
-        model_config=CONFIG,
-        classes=classes,
-        image_size=16,
-        mean=MEAN,
-        std=STD,
-        extra={"epoch": 2},
-    )
+    save_checkpoint(path, SPEC, model.state_dict(), extra={"epoch": 2})
+    assert [p.name for p in path.parent.iterdir()] == ["m.pt"]  # no temporary file left beside it
     loaded, meta = load_checkpoint(path)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert meta["classes"] == classes and meta["image_size"] == 16 and meta["normalization"]["std"] == STD
-    assert meta["extra"]["epoch"] == 2 and not path.with_name("m.pt.tmp").exists()
+    assert meta["classes"] == CLASSES and meta["image_size"] == 16 and meta["normalization"]["std"] == STD
+    assert meta["extra"]["epoch"] == 2 and spec_of(meta) == SPEC
 
-    metrics, pred, _ = evaluate_checkpoint(path, scan_folder(dataset / "val"), 5, 0, torch.device("cpu"))
+    prepare({"test": scan_folder(dataset / "val")}, CLASSES, 16, tmp_path / "prepared")
+    metrics, pred, _ = evaluate_checkpoint(path, tmp_path / "prepared", 5, torch.device("cpu"))
     assert len(pred.targets) == 12 and 0 <= metrics["accuracy"] <= 1 and metrics["infer_images_per_second"] > 0
+    # The same images through the model by hand: the loader feeds the prepared images, resized and normalised.
+    images = torch.from_numpy(np.load(tmp_path / "prepared" / "test.npy")).permute(0, 3, 1, 2)
+    x = (BatchResize(16)(images).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(pred.logits, model(x).double(), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path: Path):
-    with pytest.raises(UserError, match="not found; run `dvc repro`"):
+    with pytest.raises(UserError, match="checkpoint .*missing.pt not found; run `dvc repro`"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(UserError, match="not a readable inatpipe checkpoint"):
+    with pytest.raises(UserError, match="junk.pt is not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not an inatpipe checkpoint"):
@@ -117,11 +112,14 @@ def test_macro_f1_ignores_a_class_absent_from_the_test_set():
 
 
 def test_device_choice():
-    assert choose_device("cpu").type == "cpu"
-    assert choose_device("auto").type in {"cpu", "cuda", "mps"}
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="device 'cuda' is not available"):
-            choose_device("cuda")
+    # What `auto` must pick, read off torch independently: CUDA, else Apple's MPS, else the CPU.
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    expected = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    assert choose_device("auto") == torch.device(expected)
+    assert choose_device("cpu") == torch.device("cpu")
+    for absent in [d for d, there in (("cuda", torch.cuda.is_available()), ("mps", mps)) if not there]:
+        with pytest.raises(UserError, match=f"device '{absent}' is not available on this machine"):
+            choose_device(absent)
 
 
 @pytest.mark.parametrize(
@@ -129,12 +127,9 @@ def test_device_choice():
 )
 def test_mixed_precision_and_channels_last_train_with_finite_losses(dataset: Path, precision, channels_last):
     seed_everything(0)
-    index = scan_folder(dataset / "train")
-    classes = sorted(index["label"].unique())
-    tf = eval_transform(16, MEAN, STD)
-    train = make_loader(IndexDataset(index, classes, tf), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    val = make_loader(IndexDataset(scan_folder(dataset / "val"), classes, tf), 8)
-    model = build_model("flexible_cnn", len(classes), CONFIG)
+    train = folder_loader(dataset / "train", CLASSES, shuffle=True)
+    val = folder_loader(dataset / "val", CLASSES)
+    model = build_model("flexible_cnn", len(CLASSES), CONFIG)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = list(
         fit(model, optimizer, train, val, 3, torch.device("cpu"), precision=precision, channels_last=channels_last)
@@ -147,12 +142,22 @@ def test_mixed_precision_and_channels_last_train_with_finite_losses(dataset: Pat
     assert conv.is_contiguous(memory_format=torch.channels_last) == (channels_last and conv.shape[-1] > 1)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Read off the processor's own feature flags, independently of torch: AVX-512 BF16 or AMX tiles."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU's features from (not Linux)")
+    flags = set(cpuinfo.read_text().split())
+    return bool({"avx512_bf16", "amx_tile"} & flags)
+
+
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively():
     cpu = torch.device("cpu")
     for setting in ("fp32", "bf16", "fp16"):
         assert resolve_precision(cpu, setting) == setting  # an explicit setting is kept as written
+    assert native_bf16(cpu) == cpu_has_native_bf16()
     auto = resolve_precision(cpu, "auto")
-    assert auto == ("bf16" if native_bf16(cpu) else "fp32")
+    assert auto == ("bf16" if cpu_has_native_bf16() else "fp32")
     with autocast(cpu, "auto"):
         y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
     assert y.dtype == (torch.bfloat16 if auto == "bf16" else torch.float32)
@@ -165,7 +170,7 @@ def test_compile_without_a_cxx_compiler_is_a_one_line_error(tmp_path: Path):
     code = (
         "import torch\n"
         "from inatpipe.errors import exit_on_user_error\n"
-        "from inatpipe.training import fit\n"
+        "from inatpipe.training.loop import fit\n"
         "model = torch.nn.Linear(4, 2)\n"
         "batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]\n"
         "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"

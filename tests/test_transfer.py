@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,20 +13,18 @@ import pytest
 import torch
 import torchvision
 import yaml
+from torch import nn
 
 from inatpipe.checkpoint import load_checkpoint
-from inatpipe.data.dataset import IndexDataset, make_loader
-from inatpipe.data.index import scan_folder
-from inatpipe.data.transforms import eval_transform
 from inatpipe.errors import UserError
-from inatpipe.experiment import Optimization, TrainingData
-from inatpipe.features import BackboneFeatures, extract, weights_fingerprint
 from inatpipe.models import count_parameters
 from inatpipe.models.resnet import ARCHS, STAGES, TransferResNet, load_pretrained
 from inatpipe.params import ResnetParams, parse_params
-from inatpipe.recipe import Progress
-from inatpipe.resume import ResumeRun
-from inatpipe.transfer import (
+from inatpipe.training.features import BackboneFeatures, extract, weights_fingerprint
+from inatpipe.training.recipe import Progress
+from inatpipe.training.resume import ResumeRun
+from inatpipe.training.tracking import Optimization, RunOutputs, TrainingData
+from inatpipe.training.transfer import (
     _counts,
     build_finetuning,
     discriminative_groups,
@@ -37,9 +36,12 @@ from inatpipe.transfer import (
     train_transfer,
 )
 
-from .conftest import ROOT, write_image_folder
+from .conftest import MEAN, ROOT, STD, folder_loader, write_image_folder
+
+pytestmark = pytest.mark.xdist_group("transfer")  # its costly fixtures are built once, on one worker
 
 CPU = torch.device("cpu")
+CLASSES = ["cat", "dog", "owl"]
 LR = 1.0e-3
 FINGERPRINT = {"params": "p", "code": "c", "data": "d"}
 
@@ -51,11 +53,7 @@ def resnet_params(**overrides) -> ResnetParams:
 
 
 def image_loader(folder: Path, shuffle: bool = False, batch_size: int = 8, generator: torch.Generator | None = None):
-    index = scan_folder(folder)
-    classes = sorted(set(index["label"]))
-    dataset = IndexDataset(index, classes, eval_transform(32, [0.5] * 3, [0.25] * 3))
-    generator = generator or torch.Generator().manual_seed(0)
-    return make_loader(dataset, batch_size, shuffle=shuffle, generator=generator)
+    return folder_loader(folder, CLASSES, 32, batch_size, shuffle=shuffle, generator=generator)
 
 
 @pytest.fixture(scope="module")
@@ -262,25 +260,16 @@ def test_a_staged_run_records_its_strategy_and_counts_and_saves_the_complete_mod
     recipe = resnet_params(arch="resnet18", strategy="staged", unfreeze=1, head_epochs=1, epochs=2, batch_size=8)
     generator = torch.Generator().manual_seed(0)
     data = TrainingData(
-        classes=["cat", "dog", "owl"],
+        classes=CLASSES,
         image_size=32,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
+        mean=MEAN,
+        std=STD,
         train=image_loader(images, shuffle=True, generator=generator),
         val=image_loader(images, generator=generator),
     )
-    summary = train_transfer(
-        model,
-        data,
-        recipe,
-        device=CPU,
-        generator=generator,
-        features=None,
-        live_dir=tmp_path / "live",
-        checkpoint=tmp_path / "resnet.pt",
-        model_config={"arch": "resnet18"},
-        summary={"weights": "none", "pretrained": False},
-    )
+    outputs = RunOutputs(tmp_path / "live", tmp_path / "resnet.pt")
+    spec = data.spec("resnet", {"arch": "resnet18"})
+    summary = train_transfer(model, spec, data, recipe, CPU, outputs, summary={"weights": "none", "pretrained": False})
     layer4 = sum(p.numel() for p in model.backbone.layer4.parameters())
     assert summary["params_trainable"] == 512 * 3 + 3 + layer4 and summary["params_trainable_head_epochs"] == 1539
     assert {k: summary[k] for k in ("arch", "strategy", "unfrozen", "weights")} == {
@@ -295,30 +284,42 @@ def test_a_staged_run_records_its_strategy_and_counts_and_saves_the_complete_mod
     assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)  # the frozen stem
 
 
-@pytest.mark.parametrize("saved_after", [1, 2, 3])  # inside the head phase, at the switch, after it
-def test_staged_resumed_after_any_epoch_trains_as_the_uninterrupted_run(images, tmp_path: Path, saved_after: int):
-    recipe = resnet_params(arch="resnet18", strategy="staged", unfreeze=1, head_epochs=2, epochs=4, batch_size=8)
-    state = tmp_path / "state.pt"
+STAGED = {"arch": "resnet18", "strategy": "staged", "unfreeze": 1, "head_epochs": 2, "epochs": 4, "batch_size": 8}
 
-    def start() -> tuple[TransferResNet, ResumeRun, Iterator]:
-        torch.manual_seed(0)
-        model = TransferResNet(num_classes=3, arch="resnet18")
-        generator = torch.Generator().manual_seed(0)
-        train, val = image_loader(images, shuffle=True, generator=generator), image_loader(images)
-        steps = finetuning_steps(model, recipe, len(train), CPU)
-        run = ResumeRun.begin(state, FINGERPRINT, model, steps.optimizer, steps.scheduler, None, generator)
-        return model, run, run.continued(finetune_history(model, recipe, steps, train, val, CPU, run.start_epoch))
 
-    model, run, history = start()
-    progress, uninterrupted = Progress(epochs=recipe.epochs), []
+def staged_run(images: Path, state: Path) -> tuple[TransferResNet, ResumeRun, Iterator]:
+    """A staged fine-tuning run from its first epoch, or from the resume state at `state` when there is one."""
+    recipe = resnet_params(**STAGED)
+    torch.manual_seed(0)
+    model = TransferResNet(num_classes=3, arch="resnet18")
+    generator = torch.Generator().manual_seed(0)
+    train, val = image_loader(images, shuffle=True, generator=generator), image_loader(images)
+    steps = finetuning_steps(model, recipe, len(train), CPU)
+    run = ResumeRun.begin(state, FINGERPRINT, model, steps.optimizer, steps.scheduler, None, generator)
+    return model, run, run.continued(finetune_history(model, recipe, steps, train, val, CPU, run.start_epoch))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory) -> tuple[nn.Module, list, Path]:
+    """The staged run without a stop: its model, its epochs, and a copy of the resume state after each epoch."""
+    folder = tmp_path_factory.mktemp("staged")
+    model, run, history = staged_run(images, folder / "state.pt")
+    progress, epochs = Progress(epochs=STAGED["epochs"]), []
     for m in history:
         progress.update(m)
-        uninterrupted.append(dataclasses.replace(m, seconds=0.0))
-        if m.epoch == saved_after:
-            run.save(model, model.state_dict(), progress, uninterrupted, 0.0)
-    resumed, run, history = start()
+        epochs.append(dataclasses.replace(m, seconds=0.0))
+        run.save(model, model.state_dict(), progress, epochs, 0.0)
+        shutil.copy(folder / "state.pt", folder / f"after_{m.epoch}.pt")
+    return model, epochs, folder
+
+
+@pytest.mark.parametrize("saved_after", [1, 2, 3])  # inside the head phase, at the switch, after it
+def test_staged_resumed_after_any_epoch_trains_as_the_uninterrupted_run(uninterrupted, images, tmp_path, saved_after):
+    model, epochs, folder = uninterrupted
+    shutil.copy(folder / f"after_{saved_after}.pt", tmp_path / "state.pt")
+    resumed, run, history = staged_run(images, tmp_path / "state.pt")
     assert run.start_epoch == saved_after
     rest = [dataclasses.replace(m, seconds=0.0) for m in history]
-    assert rest == uninterrupted[saved_after:]
+    assert rest == epochs[saved_after:]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
     assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in model.parameters()]

@@ -1,0 +1,90 @@
+"""The library's layers only point down, and nothing imports in a circle; the stages and commands that need no
+torch (split, compare, `inatpipe sweep`) never load it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .imports import ROOT, imported_modules, library_modules, module_file
+
+# Lowest first. A module may import from its own layer or below, never above: a change in a layer touches only the
+# layers above it. Every module of the package is placed here (a new one joins the layer its imports allow).
+LAYERS = (
+    ("errors", "paths", "atomic", "cores"),  # no inatpipe import, no torch
+    ("params", "torchfile"),  # params: no torch, so split, compare and the sweep commands start fast
+    ("dvc_cli", "data", "runtime"),
+    ("models",),
+    ("checkpoint",),
+    ("training",),
+    ("evaluation", "sweep"),
+    ("cli", "testing"),
+)
+RANK = {group: rank for rank, groups in enumerate(LAYERS) for group in groups}
+
+
+def group(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: imported_modules(module_file(m), parents=False) - {m} for m in library_modules() if "." in m}
+
+
+def test_every_module_has_a_layer():
+    assert sorted({group(m) for m in library_modules() if "." in m} - set(RANK)) == []
+
+
+def test_imports_only_point_down():
+    upward = [
+        f"{a} imports {b}"
+        for a, targets in graph().items()
+        for b in targets
+        if "." in b and RANK[group(b)] > RANK[group(a)]
+    ]
+    assert upward == []
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A list of modules that import each other in a circle, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    assert find_cycle(graph()) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can see one
+
+
+def test_split_compare_and_the_sweep_commands_never_load_torch(tmp_path):
+    code = (
+        "import importlib.util, sys\n"
+        "for stage in ('split', 'compare'):\n"
+        "    spec = importlib.util.spec_from_file_location(stage, f'stages/{stage}.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "from inatpipe.cli import main\n"
+        "try:\n"
+        "    main(['sweep', 'queue', '--n', '2', '--dry-run'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
+    )
+    assert result.stdout.splitlines()[-1] == "no torch", result.stdout + result.stderr
+    assert result.stdout.count("would run: dvc exp run --queue") == 2  # the sweep command did run
