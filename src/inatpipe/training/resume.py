@@ -134,7 +134,7 @@ def save_state(path: Path, state: ResumeState) -> None:
     model = {k: v.detach().cpu() for k, v in state.model.items()}
     # Tensors the best epoch shares with the current one (all of them when the last epoch was the best, the frozen
     # backbone of a transfer-learned model) point at one storage, which torch.save then writes once.
-    best = {k: model[k] if torch.equal(v, model[k]) else v for k, v in state.best_model.items()}
+    best = {k: model[k] if torch.equal(v.cpu(), model[k]) else v.detach().cpu() for k, v in state.best_model.items()}
     payload = {
         "format_version": FORMAT_VERSION,
         **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
