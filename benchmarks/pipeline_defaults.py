@@ -1,8 +1,7 @@
 """Time the whole pipeline with the committed params.yaml on the embedded sample, stage by stage.
 
 Runs in a temporary git + DVC copy of the project, so the workspace, its metrics and its DVC cache are untouched.
-Prints each stage's wall time, the total against the 10-minute budget, and FlexibleCNN's test accuracy against
-the 97% target.
+Prints each stage's wall time, the total, and FlexibleCNN's test accuracy.
 
     .venv/bin/python benchmarks/pipeline_defaults.py
 """
@@ -31,8 +30,6 @@ STAGES = (
     "evaluate@resnet",
     "compare",
 )
-BUDGET_SECONDS = 600
-TARGET_ACCURACY = 0.97
 
 
 def main() -> None:
@@ -59,11 +56,9 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}   python: {sys.version.split()[0]}")
     for stage, s in seconds.items():
         print(f"  {stage:<20} {s:7.1f} s")
-    print(f"pipeline total          {total:7.1f} s  = {total / BUDGET_SECONDS:.2f} x the {BUDGET_SECONDS} s budget")
-    print(
-        f"FlexibleCNN test acc    {accuracy:7.4f}    = {accuracy / TARGET_ACCURACY:.3f} x the {TARGET_ACCURACY} target"
-    )
-    print(f"ResNet50 pretrained     {resnet['pretrained']}")
+    print(f"pipeline total          {total:7.1f} s")
+    print(f"FlexibleCNN test acc    {accuracy:7.4f}")
+    print(f"ResNet pretrained       {resnet['pretrained']}")
 
 
 if __name__ == "__main__":
