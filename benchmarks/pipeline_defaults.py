@@ -16,20 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from inatpipe.testing import copy_pipeline, pipeline_env
+from inatpipe.testing import STAGES, copy_pipeline, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (
-    "split",
-    "prepare",
-    "stats",
-    "train_flexible",
-    "features",
-    "train_resnet",
-    "evaluate@flexible",
-    "evaluate@resnet",
-    "compare",
-)
 
 
 def main() -> None:

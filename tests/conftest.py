@@ -109,7 +109,9 @@ class Pipeline:
 def pipeline(tmp_path_factory) -> Pipeline:
     import torchvision
 
-    from .stages import ORDER, folder_project, run
+    from inatpipe.testing import STAGES
+
+    from .stages import folder_project, run
 
     base = tmp_path_factory.mktemp("pipeline")
     weights = base / "resnet18.pth"
@@ -117,7 +119,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     params = {**PIPELINE_PARAMS, "resnet": {**PIPELINE_PARAMS["resnet"], "weights": str(weights)}}
     root = folder_project(base / "project", params)
     write_dataset(root / "data", train_per_class=12, test_per_class=4, size=16)
-    return Pipeline(root, {stage: run(root, stage, record=True) for stage in ORDER})
+    return Pipeline(root, {stage: run(root, stage, record=True) for stage in STAGES})
 
 
 # The slowest modules first: with the suite spread over parallel workers (`pytest -n 2 --dist loadgroup`), the long

@@ -30,18 +30,6 @@ from inatpipe.errors import exit_on_user_error
 from inatpipe.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-# The stages in an order dvc repro may run them.
-ORDER = (
-    "split",
-    "prepare",
-    "stats",
-    "train_flexible",
-    "features",
-    "train_resnet",
-    "evaluate@flexible",
-    "evaluate@resnet",
-    "compare",
-)
 
 _modules: dict[str, ModuleType] = {}
 

@@ -12,10 +12,10 @@ import yaml
 
 from inatpipe.dvc_cli import stage_spec
 from inatpipe.params import read_raw
+from inatpipe.testing import STAGES
 
 from .conftest import ROOT, Pipeline
 from .imports import library_closure
-from .stages import ORDER
 
 pytestmark = pytest.mark.xdist_group("pipeline")  # its costly fixtures are built once, on one worker
 
@@ -69,7 +69,7 @@ def covered(key: str, declared: list[str]) -> bool:
     return any(key == d or key.startswith(f"{d}.") for d in declared)
 
 
-@pytest.mark.parametrize("stage", ORDER)
+@pytest.mark.parametrize("stage", STAGES)
 def test_stage_reads_exactly_the_params_it_declares(pipeline: Pipeline, stage: str):
     """Every key read is declared (else a change would not rerun the stage), and every declared key is read (else
     a change would rerun it for nothing); a declared section must have at least one of its keys read."""
@@ -96,7 +96,7 @@ def _under(path: str, folders: list[str]) -> bool:
 NOT_DATA = ["params.yaml", "dvc.yaml", "src", "stages", ".resume"]
 
 
-@pytest.mark.parametrize("stage", ORDER)
+@pytest.mark.parametrize("stage", STAGES)
 def test_stage_opens_exactly_the_data_it_declares(pipeline: Pipeline, stage: str):
     """Every file a stage reads is a declared dep (or its own output); every declared data dep is read."""
     spec = stage_spec(stage, read_raw(pipeline.root / "params.yaml"), ROOT / "dvc.yaml")

@@ -12,6 +12,18 @@ from pathlib import Path
 # What `dvc repro` needs besides data: the pipeline, its params, the stages and the library they import.
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "sweep.yaml", ".dvcignore", ".gitignore")
 PIPELINE_FOLDERS = ("stages", "src", "vendor")  # vendor: the offline page .dvc/config points `dvc plots` at
+# The stages of dvc.yaml in an order `dvc repro` may run them.
+STAGES = (
+    "split",
+    "prepare",
+    "stats",
+    "train_flexible",
+    "features",
+    "train_resnet",
+    "evaluate@flexible",
+    "evaluate@resnet",
+    "compare",
+)
 
 
 def copy_pipeline(source: Path, dest: Path, user: str = "inatpipe") -> None:

@@ -1,1 +1,2 @@
-"""Data layer: folder scanning and index files, the stratified split, channel statistics, datasets and loaders."""
+"""Data: the one image decoder, the dirty-data scan and index files, the stratified split, the prepared arrays
+(decode once), channel statistics, batch transforms and loaders; getting a dataset into data/."""
