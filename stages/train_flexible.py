@@ -1,8 +1,10 @@
-"""Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint."""
+"""Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint. As a
+trial of `inatpipe sweep run`, it reports every epoch to the study, whose pruner may stop it early."""
 
 from inatpipe.errors import exit_on_user_error
 from inatpipe.params import Params, load_params
 from inatpipe.runtime import choose_device, configure_threads, seed_everything
+from inatpipe.sweep.trial import trial_judges
 from inatpipe.training import distributed
 from inatpipe.training.tracking import RunOutputs, train_with_recipe, training_data
 
@@ -22,6 +24,7 @@ def run(p: Params) -> None:
         RunOutputs.of_stage("flexible"),
         # What ran, also when a filter pattern chose it; a string, as DVC shows string metrics but drops lists.
         summary={"num_filters": ",".join(map(str, spec.config["num_filters"]))},
+        judges=trial_judges(p.sweep) if distributed.is_main() else (),
     )
 
 

@@ -22,6 +22,7 @@ from inatpipe.training.distributed import Shard, ShardedBatches
 
 from . import stages
 from .conftest import write_dataset
+from .processes import descendants
 from .stages import folder_project, wait_for_saved_epoch
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]  # its fixtures: built once, on one worker
@@ -91,22 +92,6 @@ def in_a_group_of_one(root: Path, monkeypatch) -> None:
             stages.run(root, "train_flexible")
         finally:
             distributed.leave()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc: torchrun starts each worker in a session of its own, out of
-    reach of a kill of its process group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def outputs(root: Path) -> tuple[dict, dict[str, str], dict[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Random search: sweep.yaml is checked entry by entry, sampling is reproducible, and every sample is a valid params."""
+"""Search spaces and the sweep's command line, without DVC runs: sweep.yaml is checked entry by entry, becomes
+Optuna distributions that give back valid params, bad input is one line; the report reads `dvc exp show` output."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import re
 import shutil
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
 from inatpipe.errors import UserError
 from inatpipe.params import parse_params, read_raw
 from inatpipe.sweep.report import build_report
+from inatpipe.sweep.run import grid_of, suggest
 from inatpipe.sweep.space import (
     Choice,
     Range,
@@ -19,7 +22,6 @@ from inatpipe.sweep.space import (
     format_value,
     load_space,
     parse_space,
-    sample_configs,
     with_overrides,
 )
 
@@ -37,7 +39,18 @@ def space_of(parameters: dict) -> dict:
     return parse_space({"parameters": parameters})
 
 
-def test_shipped_space_is_the_reports_and_samples_valid_params(raw_params):
+def drawn(space: dict, n: int, seed: int = 0) -> list[dict]:
+    """`n` configurations as a study's trials draw them (Optuna's random sampler, in memory)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
+    configs = []
+    for _ in range(n):
+        trial = study.ask()
+        configs.append(suggest(trial, space))
+        study.tell(trial, 0.0)
+    return configs
+
+
+def test_shipped_space_is_the_reports_and_gives_valid_params(raw_params):
     space = load_space(ROOT / "sweep.yaml")
     check_space(space, raw_params)
     assert set(space["model.filter_pattern"].values) >= {"uniform", "doubling", "halving", "bottleneck"}
@@ -46,63 +59,45 @@ def test_shipped_space_is_the_reports_and_samples_valid_params(raw_params):
     assert space["model.batch_norm"].values == (True, False)
     assert space["model.activation"].values == ("ReLU", "GELU", "SiLU", "Mish")
     assert space["train.learning_rate"] == Range(1e-5, 1e-3, log=True, integer=False)
-    configs = sample_configs(space, raw_params, n=20, seed=0)
-    assert len(configs) == 20 and len({repr(c) for c in configs}) == 20
-    for config in configs:
-        parse_params(with_overrides(raw_params, config))  # raises if any sampled value is invalid
+    for config in drawn(space, 20):
+        parse_params(with_overrides(raw_params, config))  # raises if any drawn value is invalid
         for key, value in config.items():
             spec = space[key]
             if isinstance(spec, Choice):
-                assert value in spec.values
+                assert value in spec.values and type(value) is type(spec.values[spec.values.index(value)])
             else:
                 assert spec.low <= value <= spec.high
 
 
-def test_sampling_is_reproducible_for_a_seed(raw_params):
-    space = load_space(ROOT / "sweep.yaml")
-    first = sample_configs(space, raw_params, n=10, seed=7)
-    assert sample_configs(space, raw_params, n=10, seed=7) == first
-    assert sample_configs(space, raw_params, n=10, seed=8) != first
-
-
-def test_log_range_covers_each_decade_alike_and_int_ranges_give_ints(raw_params):
+def test_each_entry_becomes_the_distribution_it_says(raw_params):
     space = space_of(
         {
             "train.learning_rate": {"min": 1.0e-5, "max": 1.0e-3, "log": True},
             "model.dense_neurons": {"min": 8, "max": 64},
+            "model.num_filters": {"values": [[8, 16], [16, 32, 64]]},  # lists travel through Optuna as JSON
         }
     )
-    configs = sample_configs(space, raw_params, n=400, seed=0)
-    rates = [c["train.learning_rate"] for c in configs]
-    assert all(1e-5 <= r <= 1e-3 for r in rates)
-    below = sum(r < 1e-4 for r in rates) / len(rates)
-    assert 0.4 < below < 0.6  # uniform over [1e-5, 1e-3] would put only ~9% below 1e-4
-    widths = [c["model.dense_neurons"] for c in configs]
-    assert all(isinstance(w, int) and 8 <= w <= 64 for w in widths)
-    assert len(set(widths)) > 30
+    study = optuna.create_study()
+    trial = study.ask()
+    config = suggest(trial, space)
+    dists = trial.distributions
+    assert dists["train.learning_rate"] == optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    assert dists["model.dense_neurons"] == optuna.distributions.IntDistribution(8, 64)
+    assert config["model.num_filters"] in ([8, 16], [16, 32, 64])
+    parse_params(with_overrides(raw_params, config))
+    # A configuration fixed in advance (a retried trial's) comes back as the same values.
+    study.enqueue_trial({"model.num_filters": "[16, 32, 64]", "train.learning_rate": 2e-4, "model.dense_neurons": 9})
+    again = suggest(study.ask(), space)
+    assert again == {"train.learning_rate": 2e-4, "model.dense_neurons": 9, "model.num_filters": [16, 32, 64]}
 
 
-def test_rounded_draws_stay_inside_the_range(raw_params):
-    space = space_of({"train.learning_rate": {"min": 1.2345e-5, "max": 1.2345e-3, "log": True}})
-    rates = [c["train.learning_rate"] for c in sample_configs(space, raw_params, n=400, seed=1)]
-    assert min(rates) >= 1.2345e-5 and max(rates) <= 1.2345e-3
-    assert all(r == float(f"{r:.3g}") or r in (1.2345e-5, 1.2345e-3) for r in rates)
-
-
-def test_combinations_invalid_together_are_never_sampled(raw_params):
-    # Alone each depth is valid (the explicit list is used), but 6 blocks pool 32 px down to nothing.
-    space = space_of(
-        {"model.filter_pattern": {"values": ["uniform", "doubling"]}, "model.depth": {"values": [4, 5, 6]}}
-    )
-    check_space(space, raw_params)
-    configs = sample_configs(space, raw_params, n=4, seed=0)
-    assert {c["model.depth"] for c in configs} == {4, 5}
-
-
-def test_a_space_smaller_than_n_is_an_error(raw_params):
-    space = space_of({"model.kernel_size": {"values": [3, 5]}})
-    with pytest.raises(UserError, match="found only 2 distinct valid configurations"):
-        sample_configs(space, raw_params, n=3, seed=0)
+def test_a_grid_needs_values_for_every_key():
+    assert grid_of(space_of({"model.kernel_size": {"values": [3, 5]}, "model.depth": {"min": 2, "max": 4}})) == {
+        "model.kernel_size": [3, 5],
+        "model.depth": [2, 3, 4],
+    }
+    with pytest.raises(UserError, match="--sampler grid needs a list of values for every key; model.dropout is a"):
+        grid_of(space_of({"model.dropout": {"min": 0.0, "max": 0.3}}))
 
 
 @pytest.mark.parametrize(
@@ -151,29 +146,57 @@ def run_cli(cwd: Path, *args: str) -> Result:
     return inatpipe(cwd, *args)
 
 
-def test_cli_dry_run_prints_named_queue_commands(tmp_path: Path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copy(ROOT / "sweep.yaml", tmp_path / "sweep.yaml")
-    result = run_cli(tmp_path, "sweep", "queue", "--n", "3", "--seed", "0", "--name", "lr", "--dry-run")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3
-    for i, line in enumerate(lines, 1):
-        assert line.startswith(f"would run: dvc exp run --queue -n lr-0{i} -S model.filter_pattern=")
-        assert "-S train.learning_rate=" in line
-    again = run_cli(tmp_path, "sweep", "queue", "--n", "3", "--seed", "0", "--name", "lr", "--dry-run")
-    assert again.stdout == result.stdout
+def test_sweep_queue_says_what_replaced_it(tmp_path: Path):
+    result = run_cli(tmp_path, "sweep", "queue", "--n", "3", "--seed", "0")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "error: `inatpipe sweep queue` is now `inatpipe sweep run --sampler random --trials N` (the same sweep.yaml; "
+        "each trial runs as a DVC experiment straight away); see docs/sweeps.md"
+    )
 
 
-def test_cli_bad_sweep_yaml_is_one_line_and_exit_2(tmp_path: Path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    before = "parameters:\n  model.kernel_size: {values: [3, 5]}\n  train.learning_rate: {min: 1.0e-3, max: 1.0e-5}\n"
-    (tmp_path / "sweep.yaml").write_text(before)
-    result = run_cli(tmp_path, "sweep", "queue", "--n", "2", "--dry-run")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: sweep.yaml: train.learning_rate: min (0.001) is greater than max (1e-05)"
-    assert result.stdout == ""
-    assert (tmp_path / "sweep.yaml").read_text() == before
+@pytest.mark.parametrize(
+    ("args", "space", "message"),
+    [
+        (["--sampler", "bayes"], None, "--sampler 'bayes' is not one of tpe, random, grid"),
+        (["--pruner", "asha"], None, "--pruner 'asha' is not one of median, hyperband, none"),
+        (
+            [],
+            "parameters:\n  model.kernal_size: {values: [3, 5]}\n",
+            "sweep.yaml: model.kernal_size is not a key of params.yaml (did you mean model.kernel_size?)",
+        ),
+        (
+            [],
+            "parameters:\n  model.kernel_size: {values: [3, 5]}\n  train.learning_rate: {min: 1.0e-3, max: 1.0e-5}\n",
+            "sweep.yaml: train.learning_rate: min (0.001) is greater than max (1e-05)",
+        ),
+        ([], "parameters:\n  sweep.trial: {values: [1, 2]}\n", "sweep.yaml: sweep.trial is set by `sweep run`"),
+        (["--sampler", "grid"], None, "--sampler grid needs a list of values for every key; train.learning_rate"),
+        (["--trials", "0"], None, "--trials must be at least 1, got 0"),
+        (["--study", "a b"], None, "--study 'a b': use letters, digits"),
+        (
+            ["--storage", "postgresql://sweeper:secret@127.0.0.1:9/optuna"],
+            None,
+            "cannot open the study storage postgresql+psycopg://sweeper:***@127.0.0.1:9/optuna: ",
+        ),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path: Path, args, space, message):
+    p = Project(tmp_path)
+    p.env["PYTHONPATH"] = str(ROOT / "src")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "sweep.yaml").write_text(space or (ROOT / "sweep.yaml").read_text())
+    p.git("init", "-q")
+    p.git("add", "-A")
+    p.git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "project")
+    before = sorted(f.relative_to(tmp_path) for f in tmp_path.rglob("*") if ".git" not in f.parts)
+    result = run_cli(tmp_path, "sweep", "run", "--trials", "2", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "secret" not in result.stderr
+    after = sorted(f.relative_to(tmp_path) for f in tmp_path.rglob("*") if ".git" not in f.parts)
+    assert after == before  # no study database, no logs: nothing started
 
 
 def test_report_without_finished_experiments_is_one_line_and_exit_2(tmp_path: Path):
@@ -184,7 +207,7 @@ def test_report_without_finished_experiments_is_one_line_and_exit_2(tmp_path: Pa
     p.git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "empty")
     result = inatpipe(tmp_path, "sweep", "report")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: no finished experiments to rank; queue some with")
+    assert result.stderr.strip().startswith("error: no finished experiments to rank; run some with")
     assert "Traceback" not in result.stderr and not (tmp_path / "reports").exists()
 
 

@@ -1,5 +1,5 @@
 """The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters), and
-queueing and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
+running and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
 
 from __future__ import annotations
 
@@ -83,46 +83,93 @@ def cmd_filters(args: argparse.Namespace) -> None:
         print(f"wrote {guided_backprop_figure(model, meta, args.guided, guided_out)}")
 
 
-def cmd_sweep_queue(args: argparse.Namespace) -> None:
-    from inatpipe.sweep.space import queue_sweep
+def cmd_sweep_run(args: argparse.Namespace) -> None:
+    from inatpipe.sweep.run import SweepRun, run_sweep, summary_lines
+    from inatpipe.sweep.study import storage_url
 
-    queued = queue_sweep(
-        args.space, Path("params.yaml"), args.n, args.seed, args.name or f"rs{args.seed}", args.stage, args.dry_run
+    run = SweepRun(
+        trials=args.trials,
+        jobs=args.jobs,
+        study=args.study,
+        storage_url=storage_url(args.storage, Path.cwd()),
+        sampler=args.sampler,
+        pruner=args.pruner,
+        space_path=args.space,
+        seed=args.seed,
+        startup_trials=args.startup_trials,
+        heartbeat_s=args.heartbeat,
+        stages=tuple(args.stage or ["train_flexible"]),
+        git_remote=args.git_remote,
     )
-    for name, dvc_args in queued:
-        print(("would run: dvc " if args.dry_run else f"{name}: dvc ") + " ".join(dvc_args))
-    if not args.dry_run:
-        print(
-            f"queued {len(queued)} experiments; run them with `dvc queue start -j 2` (-j: how many at once), "
-            "follow with `dvc queue status`, then `inatpipe sweep report`"
-        )
+    study, counts = run_sweep(run)
+    print("\n".join(summary_lines(study, counts)))
+
+
+def cmd_sweep_queue(args: argparse.Namespace) -> None:
+    raise UserError(
+        "`inatpipe sweep queue` is now `inatpipe sweep run --sampler random --trials N` (the same sweep.yaml; each "
+        "trial runs as a DVC experiment straight away); see docs/sweeps.md"
+    )
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> None:
     from inatpipe.sweep.report import write_sweep_report
 
-    report = write_sweep_report(args.out, all_commits=args.all_commits)
+    report = write_sweep_report(args.out, all_commits=args.all_commits, study=args.study, storage=args.storage)
     print(report.summary())
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     from inatpipe.sweep.space import SPACE_FILE
+    from inatpipe.sweep.study import DEFAULT_DB, DEFAULT_STUDY, PRUNERS, SAMPLERS
 
-    sweep = sub.add_parser("sweep", help="random search and sweep reports over DVC experiments")
+    sweep = sub.add_parser("sweep", help="hyperparameter search (Optuna) as DVC experiments, and its reports")
     commands = sweep.add_subparsers(dest="sweep_command", required=True)
-    queue = commands.add_parser(
-        "queue", help="sample configurations from sweep.yaml and queue each as a named `dvc exp run --queue`"
+    run = commands.add_parser(
+        "run", help="ask an Optuna study for trials and run each as a DVC experiment until N have finished"
     )
-    queue.add_argument("--n", type=int, default=20, help="how many experiments (default: 20)")
-    queue.add_argument(
-        "--seed", type=int, default=0, help="sampling seed; the same seed queues the same configurations"
+    run.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default: 20)")
+    run.add_argument("-j", "--jobs", type=int, default=1, help="trials at a time on this machine (default: 1)")
+    run.add_argument("--sampler", default="tpe", help=f"{' | '.join(SAMPLERS)} (default: tpe, Bayesian optimisation)")
+    run.add_argument(
+        "--pruner", default="median", help=f"{' | '.join(PRUNERS)}: stop hopeless trials early (default: median)"
     )
-    queue.add_argument("--space", type=Path, default=SPACE_FILE, help=f"search space (default: {SPACE_FILE})")
-    queue.add_argument("--name", help="experiment name prefix (default: rs<seed>); names are PREFIX-01, PREFIX-02, ...")
-    queue.add_argument(
-        "--stage", action="append", default=[], help="run only this stage and what it needs (repeatable)"
+    run.add_argument(
+        "--study",
+        default=DEFAULT_STUDY,
+        help=f"study name; experiments are NAME-000, NAME-001, ... (default: {DEFAULT_STUDY})",
     )
-    queue.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of queueing them")
+    run.add_argument(
+        "--storage",
+        help=f"Optuna storage URL (default: sqlite:///{DEFAULT_DB}); postgresql://... or journal:///path for "
+        "workers on several machines",
+    )
+    run.add_argument("--space", type=Path, default=SPACE_FILE, help=f"search space (default: {SPACE_FILE})")
+    run.add_argument("--seed", type=int, help="sampler seed (default: fresh each run; each worker adds its index)")
+    run.add_argument(
+        "--startup-trials",
+        type=int,
+        default=5,
+        help="finished trials before TPE models the space and the median pruner judges (default: 5)",
+    )
+    run.add_argument(
+        "--heartbeat",
+        type=int,
+        default=10,
+        help="seconds between a running trial's heartbeats; silent for 3x as long, it fails and is retried "
+        "(default: 10)",
+    )
+    run.add_argument(
+        "--stage",
+        action="append",
+        help="what each trial runs (repeatable; default: train_flexible, which the objective reads)",
+    )
+    run.add_argument(
+        "--git-remote", default="origin", help="push each finished experiment here when it exists (default: origin)"
+    )
+    run.set_defaults(func=cmd_sweep_run)
+
+    queue = commands.add_parser("queue", help="replaced by `sweep run --sampler random` (prints how)")
     queue.set_defaults(func=cmd_sweep_queue)
 
     report = commands.add_parser(
@@ -134,6 +181,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--all-commits", action="store_true", help="experiments of every commit, not only those based on HEAD"
     )
+    report.add_argument(
+        "--study", help="only this study's trials, with its optimisation history, importances and learning curves"
+    )
+    report.add_argument("--storage", help="the study's storage URL, as for `sweep run` (default: the SQLite file)")
     report.set_defaults(func=cmd_sweep_report)
 
 
@@ -194,7 +245,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown and args.func is not cmd_sweep_queue:  # the retired command takes any arguments it used to
+        p.parse_args(argv)  # argparse's own error for the unknown ones
     exit_on_user_error(lambda: args.func(args))
 
 

@@ -7,6 +7,7 @@ from inatpipe.params.evaluate import EvaluateParams
 from inatpipe.params.load import Params, as_dict, load_params, lookup, parse_params, read_raw
 from inatpipe.params.model import ACTIVATIONS, POOLINGS, ModelParams
 from inatpipe.params.recipe import RESNET_ARCHS, RESNET_STAGES, RecipeParams, ResnetParams, TrainParams
+from inatpipe.params.sweep import SweepParams
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,6 +20,7 @@ __all__ = [
     "Params",
     "RecipeParams",
     "ResnetParams",
+    "SweepParams",
     "TrainParams",
     "as_dict",
     "load_params",

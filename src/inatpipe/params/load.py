@@ -19,6 +19,7 @@ from inatpipe.params.filters import EXPLICIT
 from inatpipe.params.model import ModelParams
 from inatpipe.params.recipe import ResnetParams, TrainParams
 from inatpipe.params.schema import Section, at_least, build, plain
+from inatpipe.params.sweep import SweepParams
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -34,6 +35,7 @@ class Params(Section):
     train: TrainParams
     resnet: ResnetParams
     evaluate: EvaluateParams
+    sweep: SweepParams
 
     def check(self) -> None:
         """Each FlexibleCNN block pools; catch a stack too deep for the image size before any work starts."""

@@ -62,7 +62,7 @@ class Axis:
         return (x - self.low) / (self.high - self.low)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_png(fig: plt.Figure, path: Path) -> None:
     with atomic_open(path, "wb") as f:  # as every file the project writes: the old file or the new one, whole
         fig.savefig(f, format="png")
     plt.close(fig)
@@ -100,7 +100,7 @@ def parallel_coordinates(points: list[dict[str, Any]], keys: list[str], target: 
     fig.colorbar(mappable, ax=ax, label=target, fraction=0.03, pad=0.02)
     ax.set_title(f"{len(points)} experiments, coloured by {target}", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 
@@ -126,5 +126,5 @@ def val_accuracy_by_param(points: list[dict[str, Any]], key: str, target: str, p
     ax.set_ylabel(target)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return path

@@ -1,14 +1,12 @@
-"""Random search as DVC experiments: read a search space (sweep.yaml), sample valid configurations, queue them.
+"""A search space (sweep.yaml): read it, check every key and value against params.yaml, and write a configuration as
+`dvc exp run -S key=value` arguments. Optuna draws the configurations (sweep/run.py); this module knows the file.
 
-Each configuration becomes one named `dvc exp run --queue -S key=value ...`; `dvc queue start -j N` runs them and
-DVC's experiment refs hold the results. Nothing here runs, schedules or stores experiments itself.
-
-sweep.yaml maps params.yaml keys (dotted) to how to draw them:
+sweep.yaml maps params.yaml keys (dotted) to what a trial may take:
 
     parameters:
-      model.kernel_size: {values: [3, 5, 7]}               # one of the listed values, uniformly
-      model.dropout: {min: 0.0, max: 0.3}                  # a number in [min, max], uniformly
-      train.learning_rate: {min: 1.0e-5, max: 1.0e-3, log: true}   # log-uniform: each decade equally likely
+      model.kernel_size: {values: [3, 5, 7]}               # one of the listed values (categorical)
+      model.dropout: {min: 0.0, max: 0.3}                  # a number in [min, max]
+      train.learning_rate: {min: 1.0e-5, max: 1.0e-3, log: true}   # on a log scale: each decade alike
       model.base_filters: {min: 16, max: 64}               # both ends integers: an integer in [min, max]
 """
 
@@ -16,35 +14,23 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
-import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm import tqdm
 
-from inatpipe.dvc_cli import run_dvc
 from inatpipe.errors import ConfigError, UserError
-from inatpipe.params import parse_params, read_raw
+from inatpipe.params import parse_params
 
 SPACE_FILE = Path("sweep.yaml")
 ENTRY_FIELDS = ("values", "min", "max", "log")
-# Floats are drawn to 3 significant digits: experiment names and tables stay readable, and 1.23e-4 vs
-# 1.234567e-4 is not a difference a sweep can measure.
-SIGNIFICANT_DIGITS = 3
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
 class Choice:
     values: tuple[Any, ...]
-
-    def draw(self, rng: random.Random) -> Any:
-        return copy.deepcopy(rng.choice(self.values))
 
 
 @dataclass(frozen=True)
@@ -53,15 +39,6 @@ class Range:
     high: float
     log: bool
     integer: bool
-
-    def draw(self, rng: random.Random) -> Any:
-        if self.log:
-            x = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            x = rng.uniform(self.low, self.high)
-        if self.integer:
-            return min(max(round(x), int(self.low)), int(self.high))
-        return min(max(float(f"{x:.{SIGNIFICANT_DIGITS}g}"), self.low), self.high)
 
 
 Space = dict[str, Choice | Range]
@@ -114,7 +91,7 @@ def _parse_entry(key: str, spec: Any, source: str) -> Choice | Range:
 
 def load_space(path: Path = SPACE_FILE) -> Space:
     if not path.is_file():
-        raise UserError(f"{path} not found; write a search space there (see the README's random search section)")
+        raise UserError(f"{path} not found; write a search space there (docs/sweeps.md)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -155,36 +132,10 @@ def check_space(space: Space, raw_params: dict, source: str = "sweep.yaml") -> N
                 parse_params(with_overrides(raw_params, {key: value}))
             except ConfigError as e:
                 # Only the key's own errors: a value can be invalid beside today's params yet valid beside other
-                # sampled values (model.depth 6 with a larger data.image_size); sampling skips those combinations.
+                # sampled values (model.depth 6 with a larger data.image_size); a trial that draws such a combination
+                # fails at once, without a run, and the search goes on.
                 if re.match(rf"params\.yaml: {re.escape(key)}(\[\d+\])? must ", str(e)):
                     raise UserError(f"{source}: {key}: {value!r} is not valid ({e})") from None
-
-
-def sample_configs(space: Space, raw_params: dict, n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` distinct configurations drawn from `space`, each valid for params.yaml; the same seed gives the same list."""
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
-    rng = random.Random(seed)
-    found: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    draws = 100 * n + 1000
-    for _ in range(draws):
-        config = {key: spec.draw(rng) for key, spec in space.items()}
-        fingerprint = repr(sorted(config.items()))
-        if fingerprint in seen:
-            continue
-        seen.add(fingerprint)
-        try:
-            parse_params(with_overrides(raw_params, config))
-        except ConfigError:
-            continue  # e.g. too many conv blocks for the image size: draw again
-        found.append(config)
-        if len(found) == n:
-            return found
-    raise UserError(
-        f"found only {len(found)} distinct valid configurations in {draws} draws; ask for fewer with --n or widen "
-        "the search space"
-    )
 
 
 def format_value(value: Any) -> str:
@@ -209,38 +160,3 @@ def override_args(config: dict[str, Any]) -> list[str]:
     for key, value in config.items():
         args += ["-S", f"{key}={format_value(value)}"]
     return args
-
-
-def queue_args(name: str, config: dict[str, Any], stages: Sequence[str] = ()) -> list[str]:
-    """The `dvc` arguments that queue one configuration as the experiment `name`."""
-    return ["exp", "run", "--queue", "-n", name, *stages, *override_args(config)]
-
-
-def experiment_names(prefix: str, n: int) -> list[str]:
-    if not _NAME.match(prefix):
-        raise UserError(f"--name {prefix!r}: use letters, digits, '-', '_' or '.', starting with a letter or digit")
-    width = max(2, len(str(n)))  # PREFIX-01 ... sorts in order in listings
-    return [f"{prefix}-{i:0{width}d}" for i in range(1, n + 1)]
-
-
-def queue_sweep(
-    space_path: Path,
-    params_path: Path,
-    n: int,
-    seed: int,
-    prefix: str,
-    stages: Sequence[str] = (),
-    dry_run: bool = False,
-) -> list[tuple[str, list[str]]]:
-    """Sample `n` configurations and queue each as a named DVC experiment; returns (name, dvc arguments) pairs."""
-    names = experiment_names(prefix, n)
-    space = load_space(space_path)
-    raw_params = read_raw(params_path)
-    parse_params(raw_params)  # a broken params.yaml is reported as itself, not as a bad sweep entry
-    check_space(space, raw_params, str(space_path))
-    configs = sample_configs(space, raw_params, n, seed)
-    queued = [(name, queue_args(name, c, stages)) for name, c in zip(names, configs, strict=True)]
-    if not dry_run:
-        for _, args in tqdm(queued, desc="queueing", unit="exp", disable=None):
-            run_dvc(*args)
-    return queued

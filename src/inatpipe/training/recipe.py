@@ -125,7 +125,7 @@ class Progress:
     best_val_loss: float = math.inf
     epochs_without_improvement: int = 0
     last_epoch: int = 0
-    stop_reason: str = "completed"  # completed | early_stopping | time_budget
+    stop_reason: str = "completed"  # completed | early_stopping | time_budget | pruned (a sweep's judge)
 
     def update(self, m: EpochMetrics, elapsed_seconds: float = 0.0) -> bool:
         """Record epoch `m`, which ended `elapsed_seconds` into the run; returns whether it is the new best."""

@@ -9,7 +9,7 @@ is about: a ModelSpec (what the model is) and RunOutputs (where the run writes).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,9 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
 
 # A run's epochs from `start_epoch` + 1 to its last: the loop a resumed run continues (fit, or fit in phases).
 History = Callable[[int], Iterator[EpochMetrics]]
+# One more reader of each finished epoch besides early stopping and the budget (a sweep's pruner): returns a reason
+# to stop after this epoch (it becomes the run's stop.reason), or None to go on.
+Judge = Callable[[EpochMetrics], str | None]
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,10 @@ def train_with_recipe(
     device: torch.device,
     outputs: RunOutputs,
     summary: dict[str, Any] | None = None,
+    judges: Sequence[Judge] = (),
 ) -> dict[str, Any]:
-    """Build the recipe's optimizer, schedule and loss around `model`, run `fit`, and track it; returns the summary."""
+    """Build the recipe's optimizer, schedule and loss around `model`, run `fit`, and track it (`judges` may stop it
+    after any epoch); returns the summary."""
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
     steps = Optimization(optimizer, scheduler, grad_scaler(device, recipe.precision))
@@ -135,7 +140,9 @@ def train_with_recipe(
         net = distributed.wrap(model, device, recipe.channels_last)
         return fit_recipe(net, recipe, steps, data.train, data.val, device, start_epoch=start_epoch)
 
-    return train_tracked(model, spec, recipe, steps, history, data.train.generator, device, outputs, summary)
+    return train_tracked(
+        model, spec, recipe, steps, history, data.train.generator, device, outputs, summary, judges=judges
+    )
 
 
 def fit_recipe(
@@ -180,6 +187,8 @@ def train_tracked(
     device: torch.device,
     outputs: RunOutputs,
     summary: dict[str, Any] | None = None,
+    *,
+    judges: Sequence[Judge] = (),
 ) -> dict[str, Any]:
     """Run `history` from the first epoch, or, when `outputs` has a matching resume state, from the epoch after its
     own (its model, `steps` and RNGs restored, `generator` the training loader's), and track it; returns the
@@ -191,7 +200,8 @@ def train_tracked(
     # What ran: `auto` precision resolved for this device, and on how many processes (torchrun)
     ran = {"precision": resolve_precision(device, recipe.precision), "processes": distributed.world_size()}
     summary = {**ran, **(summary or {})}
-    return track(model, history(run.start_epoch if run else 0), spec, outputs, progress, resume=run, summary=summary)
+    start = run.start_epoch if run else 0
+    return track(model, history(start), spec, outputs, progress, resume=run, summary=summary, judges=judges)
 
 
 def _resume_run(
@@ -219,12 +229,13 @@ def track(
     *,
     resume: ResumeRun | None = None,
     summary: dict[str, Any] | None = None,
+    judges: Sequence[Judge] = (),
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), keep the best-on-val checkpoint, and stop
-    when `progress` says so (early stopping, wall-time budget). With `resume`, save a resume state after every epoch,
-    and continue the run it started from. Returns the run's summary metrics. Under torchrun only rank 0 writes and
-    prints; the others follow its decision to stop."""
-    run = _Tracker(model, spec, outputs, progress, resume)
+    when `progress` says so (early stopping, wall-time budget) or one of `judges` does (a sweep's pruner). With
+    `resume`, save a resume state after every epoch, and continue the run it started from. Returns the run's summary
+    metrics. Under torchrun only rank 0 writes and prints; the others follow its decision to stop."""
+    run = _Tracker(model, spec, outputs, progress, resume, judges)
     if not distributed.is_main():
         run.follow(history)
         return {}
@@ -246,9 +257,15 @@ class _Tracker:
     """The bookkeeping of one tracked run: its epochs so far, the best weights, elapsed time and resume state."""
 
     def __init__(
-        self, model: nn.Module, spec: ModelSpec, outputs: RunOutputs, progress: Progress, resume: ResumeRun | None
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        outputs: RunOutputs,
+        progress: Progress,
+        resume: ResumeRun | None,
+        judges: Sequence[Judge] = (),
     ):
-        self.model, self.spec, self.outputs, self.resume = model, spec, outputs, resume
+        self.model, self.spec, self.outputs, self.resume, self.judges = model, spec, outputs, resume, judges
         self.total, self.trainable = count_parameters(model)
         self.progress, self.logged, self.best_model, elapsed_before = progress, [], {}, 0.0
         if resume and resume.start:
@@ -288,6 +305,10 @@ class _Tracker:
         _log_epoch(live, m)
         self.logged.append(m)
         improved = self.progress.update(m, self.elapsed())
+        for judge in self.judges:
+            reason = judge(m)
+            if reason and not self.progress.should_stop and m.epoch < self.progress.epochs:
+                self.progress.stop_reason = reason
         if improved:
             self.save_best()
             if self.resume:
@@ -315,7 +336,8 @@ class _Tracker:
         why = {
             "early_stopping": f"no better val accuracy for {p.patience} epochs",
             "time_budget": f"another epoch would end past the {p.max_seconds / 60:g}-minute budget",
-        }[p.stop_reason]
+            "pruned": "the sweep's pruner judged the trial hopeless",
+        }.get(p.stop_reason, p.stop_reason)
         return (
             f"stopping after epoch {p.last_epoch} of {p.epochs}: {why}; "
             f"keeping epoch {p.best_epoch} (val acc {p.best_val_accuracy:.4f})"
