@@ -125,14 +125,23 @@ def pipeline(tmp_path_factory) -> Pipeline:
 # The slowest modules first: with the suite spread over parallel workers (`pytest -n 2 --dist loadgroup`), the long
 # ones then start at once instead of last, and the workers finish together. A module whose fixtures are costly is
 # marked `xdist_group` (the in-process pipeline's two modules with one name), so that one worker builds them once.
-SLOWEST_FIRST = ("test_pipeline", "test_sweep_queue", "test_distributed", "test_resume", "test_recipe", "test_data")
+SLOWEST_FIRST = (
+    "test_pipeline",
+    "test_sweep_study",
+    "test_sweep_postgres",
+    "test_distributed",
+    "test_resume",
+    "test_recipe",
+    "test_data",
+)
 
 
 def pytest_configure(config) -> None:
-    """Under parallel workers, one torch thread per worker (and per stage it starts): two workers then keep two
-    cores busy instead of four threads taking turns on them."""
+    """Under parallel workers, one torch thread per worker (and per stage it starts, sweep trials included): two
+    workers then keep two cores busy instead of four threads taking turns on them."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["INATPIPE_THREADS"] = "1"
         torch.set_num_threads(1)
 
 

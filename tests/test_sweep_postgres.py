@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import pwd
 import shutil
@@ -45,9 +47,21 @@ def postgres_bin() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+class Server:
+    """A running throwaway PostgreSQL server, reached on a Unix socket."""
+
+    def __init__(self, run, bin_dir: Path, socket: Path):
+        self.run, self.bin_dir, self.socket = run, bin_dir, socket
+
+    def new_database(self, name: str) -> str:
+        """An empty database; its URL."""
+        self.run(str(self.bin_dir / "createdb"), "-h", str(self.socket), "-U", "postgres", name)
+        return f"postgresql://postgres@/{name}?host={self.socket}"
+
+
 @pytest.fixture(scope="module")
-def postgres() -> str:
-    """A running PostgreSQL server holding an empty database `optuna`; its SQLAlchemy URL (Unix socket)."""
+def postgres() -> Server:
+    """A running PostgreSQL server for this module's tests."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         missing = "PostgreSQL is not installed: apt-get install postgresql (.ci/run installs it)"
@@ -72,8 +86,7 @@ def postgres() -> str:
         run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
         options = f"-k {socket} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
         run(*ctl[len(as_owner) :], "-o", options, "-l", str(folder / "server.log"), "-w", "start")
-        run(str(bin_dir / "createdb"), "-h", str(socket), "-U", "postgres", "optuna")
-        yield f"postgresql://postgres@/optuna?host={socket}"
+        yield Server(run, bin_dir, socket)
     finally:
         subprocess.run([*ctl, "-m", "immediate", "-w", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,7 +101,8 @@ def clone(remote: Path, dest: Path) -> Project:
 
 
 @pytest.fixture(scope="module")
-def machines(tmp_path_factory, postgres) -> dict[str, Project]:
+def machines(tmp_path_factory, postgres: Server) -> dict[str, Project]:
+    url = postgres.new_database("optuna")
     base = tmp_path_factory.mktemp("machines")
     remote = base / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
@@ -109,7 +123,7 @@ def machines(tmp_path_factory, postgres) -> dict[str, Project]:
         worker.dvc("pull", "-q", "--with-deps", "stats")  # the data and what the trials start from, as a new machine
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "inatpipe.cli", *RUN, "--storage", postgres],
+            [sys.executable, "-m", "inatpipe.cli", *RUN, "--storage", url],
             cwd=w.root,
             env=w.env,
             stdout=subprocess.PIPE,
@@ -129,8 +143,8 @@ def machines(tmp_path_factory, postgres) -> dict[str, Project]:
 
     c = clone(remote, base / "c")
     c.pulled = c.dvc("exp", "pull", "origin")
-    c.report = c.inatpipe("sweep", "report", "--study", STUDY, "--storage", postgres, "--out", "reports/sweep")
-    return {"a": a, "b": b, "c": c, "url": postgres}
+    c.report = c.inatpipe("sweep", "report", "--study", STUDY, "--storage", url, "--out", "reports/sweep")
+    return {"a": a, "b": b, "c": c, "url": url}
 
 
 def test_two_machines_share_one_study_and_run_each_trial_once(machines):
@@ -158,3 +172,29 @@ def test_a_third_clone_pulls_every_trial_and_reports_on_the_whole_study(machines
         for exp in commit.get("experiments") or []:
             digest = exp["revs"][0]["data"]["outs"]["models/flexible.pt"]["hash"]
             assert (c.root / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]).is_file(), exp["name"]
+
+
+def _open(url: str, start: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+    from inatpipe.sweep.study import open_storage, storage_url
+
+    start.wait()  # all at the same moment, as workers launched together on several machines
+    try:
+        open_storage(storage_url(url, Path.cwd()), heartbeat_s=5)
+        results.put("opened")
+    except Exception as e:
+        results.put(str(e))
+
+
+def test_workers_starting_together_on_a_new_database_all_open_it(postgres: Server):
+    """Optuna creates its tables on first use; workers started at the same moment race to do it (PostgreSQL then
+    reports a duplicate key in its catalogue), and each must still get the storage."""
+    url = postgres.new_database("fresh")
+    context = multiprocessing.get_context("fork")  # forked: optuna is imported once, here
+    start, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open, args=(url, start, results)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join()
+    assert outcomes == ["opened"] * 4

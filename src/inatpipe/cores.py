@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+# Torch threads per stage, overriding its share of the cores (runtime.configure_threads, `sweep run -j`).
+THREADS_ENV = "INATPIPE_THREADS"
+
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask: a container's cpuset or taskset narrows it)."""

@@ -8,11 +8,9 @@ import random
 import numpy as np
 import torch
 
-from inatpipe.cores import usable_cores
+from inatpipe.cores import THREADS_ENV, usable_cores
 from inatpipe.dvc_cli import queue_workers
 from inatpipe.errors import UserError
-
-THREADS_ENV = "INATPIPE_THREADS"
 
 
 def choose_device(name: str = "auto") -> torch.device:

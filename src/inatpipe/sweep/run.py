@@ -26,7 +26,7 @@ import yaml
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from inatpipe.cores import usable_cores
+from inatpipe.cores import THREADS_ENV, usable_cores
 from inatpipe.dvc_cli import run_dvc
 from inatpipe.errors import UserError
 from inatpipe.params import parse_params, read_raw
@@ -166,7 +166,8 @@ class Sweep:
         self.lock = threading.Lock()
         self.processes: set[subprocess.Popen] = set()
         self.remote = run.git_remote if run.git_remote in _git_remotes() else None
-        self.threads_per_trial = max(1, usable_cores() // run.jobs)
+        # Each trial's share of the cores, as `dvc queue start -j J` gives its experiments; INATPIPE_THREADS overrides.
+        self.threads_per_trial = os.environ.get(THREADS_ENV) or str(max(1, usable_cores() // run.jobs))
         self.errors: list[BaseException] = []
         self.local = threading.local()  # each worker thread's current trial number
 
@@ -232,7 +233,7 @@ class Sweep:
             sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *self.run.stages,
             "-S", f"sweep.study={self.run.study}", "-S", f"sweep.trial={trial.number}", *override_args(config),
         ]  # fmt: skip
-        env = {**os.environ, STORAGE_ENV: self.run.storage_url, "INATPIPE_THREADS": str(self.threads_per_trial)}
+        env = {**os.environ, STORAGE_ENV: self.run.storage_url, THREADS_ENV: self.threads_per_trial}
         log_path = self.root / LOG_DIR / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:

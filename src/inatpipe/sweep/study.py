@@ -15,6 +15,7 @@ Storage URLs:
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.Ba
                 "grace_period": 3 * heartbeat_s,
                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
             }
-        return optuna.storages.RDBStorage(url, **kwargs)
+        return _rdb_storage(url, kwargs)
     except (ImportError, ModuleNotFoundError):
         raise UserError(
             f"--storage {shown(url)}: its database driver is not installed; install it (`pip install "
@@ -91,6 +92,23 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.Ba
         ) from None
     except Exception as e:  # sqlalchemy's errors, a bad URL, a journal file that can't be written
         raise UserError(f"cannot open the study storage {shown(url)}: {_first_line(e)}") from None
+
+
+# Workers started together on a new database race to create Optuna's tables; the losers see the winner's tables
+# half made ("duplicate key value ... pg_type", "already exists") and succeed on a second try.
+_CREATION_RACE = ("duplicate key value", "already exists")
+CREATION_TRIES = 5
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    for attempt in range(1, CREATION_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:
+            if attempt == CREATION_TRIES or not any(s in str(e) for s in _CREATION_RACE):
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _first_line(e: BaseException) -> str:
