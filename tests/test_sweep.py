@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import optuna
@@ -24,6 +25,7 @@ from inatpipe.sweep.space import (
     parse_space,
     with_overrides,
 )
+from inatpipe.sweep.study import open_storage
 
 from .conftest import ROOT
 from .project import Project
@@ -245,3 +247,27 @@ def test_report_shows_a_test_accuracy_only_for_the_checkpoint_the_experiment_tra
     text = (tmp_path / "sweep" / "report.md").read_text()
     rows = [line for line in text.splitlines() if re.match(r"\|\s+\d+ \|", line)]
     assert [row.split("|")[-3].strip() for row in rows] == ["–", "0.8500", "0.7000"]
+
+
+def test_workers_sharing_a_sqlite_study_never_take_the_same_queued_trial(tmp_path: Path):
+    """Queued trials (retries of a lost worker's, or enqueued configurations) are taken by whichever worker asks
+    first; on SQLite, which has no row locks, two workers asking at once must still get two different trials."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="q", storage=storage, direction="maximize")
+    for i in range(24):
+        study.enqueue_trial({"x": i})
+    start, taken = threading.Barrier(4), []
+
+    def worker() -> None:
+        own = optuna.load_study(study_name="q", storage=open_storage(url))  # a worker of its own, as in sweep run
+        start.wait()
+        for _ in range(6):
+            taken.append(own.ask().number)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == list(range(24))  # each queued trial taken once, none twice

@@ -84,7 +84,10 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.Ba
                 "grace_period": 3 * heartbeat_s,
                 "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
             }
-        return _rdb_storage(url, kwargs)
+        storage = _rdb_storage(url, kwargs)
+        if url.startswith("sqlite"):
+            _serialize_sqlite_transactions(storage)
+        return storage
     except (ImportError, ModuleNotFoundError):
         raise UserError(
             f"--storage {shown(url)}: its database driver is not installed; install it (`pip install "
@@ -109,6 +112,28 @@ def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage
                 raise
             time.sleep(0.5 * attempt)
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite_transactions(storage: optuna.storages.RDBStorage) -> None:
+    """Make every transaction on a SQLite study take the database's write lock as it begins (BEGIN IMMEDIATE).
+
+    SQLite has no row locks: two workers popping the same queued trial (a retry, an enqueued configuration) both
+    read it as WAITING and both mark it RUNNING, and run it twice. With the lock taken at BEGIN, the second reads
+    it as RUNNING and takes the next one, across threads and processes alike. (Servers lock the row instead.)
+    """
+    import sqlalchemy
+
+    engine = storage.engine
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN would be DEFERRED
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed
 
 
 def _first_line(e: BaseException) -> str:
