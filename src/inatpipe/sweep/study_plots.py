@@ -43,7 +43,8 @@ def history(trials: list[FrozenTrial], path: Path) -> Path:
 
 
 def importances(study: optuna.Study, path: Path) -> tuple[Path | None, str]:
-    """Optuna's parameter importances (fANOVA) over the complete trials; (None, why) when they can't be computed."""
+    """Optuna's parameter importances (its default evaluator) over the complete trials; (None, why) when they
+    can't be computed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return None, f"parameter importances need at least 2 complete trials, the study has {len(complete)}"
