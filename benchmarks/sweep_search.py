@@ -39,8 +39,8 @@ from inatpipe.errors import ConfigError
 from inatpipe.params import parse_params, read_raw
 from inatpipe.sweep.run import suggest
 from inatpipe.sweep.space import check_space, parse_space, with_overrides
-from inatpipe.sweep.study import STORAGE_ENV, StudySettings, make_pruner, make_sampler, open_storage
-from inatpipe.sweep.trial import PRUNED_AT
+from inatpipe.sweep.study import StudySettings, make_pruner, make_sampler, open_storage
+from inatpipe.sweep.trial import PRUNED_AT, STORAGE_ENV
 from inatpipe.testing import copy_pipeline, pipeline_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from inatpipe.params import parse_params, read_raw
 from inatpipe.params.sweep import STUDY_NAME
 from inatpipe.sweep.space import Choice, Range, Space, check_space, load_space, override_args, with_overrides
 from inatpipe.sweep.study import (
-    STORAGE_ENV,
     STUDY_DIR,
     StudySettings,
     make_sampler,
@@ -41,7 +39,7 @@ from inatpipe.sweep.study import (
     quiet_optuna,
     shown,
 )
-from inatpipe.sweep.trial import PRUNED_AT
+from inatpipe.sweep.trial import PRUNED_AT, STORAGE_ENV
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Stop rather than burn the budget on a broken setup: this many runs in a row failing on one worker (or this many
@@ -113,6 +111,15 @@ def grid_of(space: Space) -> dict[str, list]:
                 f"--sampler grid needs a list of values for every key; {key} is a range: give it values: [...]"
             )
     return grid
+
+
+def counts(study: optuna.Study) -> Counter:
+    """How many of the study's trials are in each state."""
+    return Counter(t.state for t in study.get_trials(deepcopy=False))
+
+
+def finished(c: Counter) -> int:
+    return c[TrialState.COMPLETE] + c[TrialState.PRUNED]
 
 
 def experiment_name(study: str, number: int) -> str:
@@ -211,11 +218,10 @@ class Sweep:
 
     # --- counting ---------------------------------------------------------------------------------------------
     def counts(self) -> Counter:
-        return Counter(t.state for t in self.study.get_trials(deepcopy=False))
+        return counts(self.study)
 
     def finished(self) -> int:
-        c = self.counts()
-        return c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+        return finished(self.counts())
 
     # --- one trial --------------------------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> float:
@@ -284,11 +290,11 @@ class Sweep:
         failures = invalid = 0
         try:
             while not self.stop.is_set():
-                c = Counter(t.state for t in study.get_trials(deepcopy=False))
-                finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
-                if finished >= self.run.trials:
+                c = counts(study)
+                done = finished(c)
+                if done >= self.run.trials:
                     return
-                if not c[TrialState.WAITING] and finished + c[TrialState.RUNNING] >= self.run.trials:
+                if not c[TrialState.WAITING] and done + c[TrialState.RUNNING] >= self.run.trials:
                     # The last trials run elsewhere: wait for them, and fail those whose worker was lost (their
                     # configurations come back as WAITING trials, which this worker then runs).
                     optuna.storages.fail_stale_trials(study)
@@ -365,11 +371,10 @@ def run_sweep(run: SweepRun) -> tuple[optuna.Study, Counter]:
     return sweep.study, counts
 
 
-def summary_lines(study: optuna.Study, counts: Counter, stages: Sequence[str] = ()) -> list[str]:
-    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+def summary_lines(study: optuna.Study, c: Counter) -> list[str]:
     lines = [
-        f"study {study.study_name}: {finished} finished ({counts[TrialState.COMPLETE]} complete, "
-        f"{counts[TrialState.PRUNED]} pruned), {counts[TrialState.FAIL]} failed"
+        f"study {study.study_name}: {finished(c)} finished ({c[TrialState.COMPLETE]} complete, "
+        f"{c[TrialState.PRUNED]} pruned), {c[TrialState.FAIL]} failed"
     ]
     try:
         best = study.best_trial

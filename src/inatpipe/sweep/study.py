@@ -27,9 +27,6 @@ from inatpipe.errors import UserError
 
 STUDY_DIR = Path(".sweep")  # ignored by git: the default study database and the trials' logs
 DEFAULT_DB = STUDY_DIR / "optuna.db"
-# How a trial's training stage finds its study: `sweep run` sets it for the `dvc exp run` of each trial. An
-# environment variable, not a param, so that a password in the URL never lands in params.yaml or a git ref.
-STORAGE_ENV = "INATPIPE_SWEEP_STORAGE"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_STUDY = "sweep"

@@ -20,7 +20,9 @@ from inatpipe.params.sweep import SweepParams
 if TYPE_CHECKING:
     from inatpipe.training.loop import EpochMetrics
 
-STORAGE_ENV = "INATPIPE_SWEEP_STORAGE"  # as sweep/study.py, without importing optuna for a run that is no trial
+# How a trial's training stage finds its study: `sweep run` sets it for the `dvc exp run` of each trial. An
+# environment variable, not a param, so that a password in the URL never lands in params.yaml or a git ref.
+STORAGE_ENV = "INATPIPE_SWEEP_STORAGE"
 PRUNED_AT = "pruned_at_epoch"  # the trial's user attribute a pruned run leaves, read by `sweep run`
 
 
