@@ -47,8 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist import CLASSES, DEBIAN_FILES, idx_file, read_idx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 5
-STARTUP = 3  # random trials before TPE models the space; finished trials before the median pruner judges
 SPACE = {
     "parameters": {
         "model.filter_pattern": {"values": ["uniform", "doubling", "halving", "bottleneck"]},
@@ -68,10 +66,9 @@ FIXED = {
     "data.num_workers": 0,
     "model.num_filters": [32, 64, 128, 256],  # four blocks pool 28 px to 1; the space draws patterns instead
     "model.dense_neurons": 128,
-    "train.epochs": EPOCHS,
     "train.batch_size": 128,
     "train.scheduler": "cosine",
-    "train.warmup_epochs": 1.0,
+    "train.warmup_epochs": 0.5,
     "train.precision": "bf16",
 }
 STRATEGIES = {
@@ -79,6 +76,8 @@ STRATEGIES = {
     "random": ("random", "none"),
     "tpe": ("tpe", "none"),
     "tpe+median": ("tpe", "median"),
+    "tpe+asha": ("tpe", "asha"),
+    "tpe+hyperband": ("tpe", "hyperband"),
 }
 
 
@@ -103,18 +102,21 @@ def load_stage(project: Path):
     return module
 
 
-def run_study(name: str, sampler: str, pruner: str, seed: int, trials: int, url: str, base: dict, stage) -> dict:
-    """One study of `trials` finished trials; returns its best validation accuracy and epochs trained."""
+def run_study(
+    name: str, sampler: str, pruner: str, seed: int, args: argparse.Namespace, url: str, base: dict, stage
+) -> dict:
+    """One study of `args.trials` finished trials; returns its best validation accuracy and epochs trained."""
+    trials, startup, epochs = args.trials, args.startup_trials, args.epochs
     space = parse_space(SPACE)
     storage = open_storage(url)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
         direction="maximize",
-        sampler=make_sampler(sampler, seed, STARTUP),
-        pruner=make_pruner(pruner, STARTUP, EPOCHS),
+        sampler=make_sampler(sampler, seed, startup),
+        pruner=make_pruner(pruner, startup, epochs),
     )
-    for key, value in StudySettings(SPACE["parameters"], sampler, pruner, STARTUP, EPOCHS).as_attrs().items():
+    for key, value in StudySettings(SPACE["parameters"], sampler, pruner, startup, epochs).as_attrs().items():
         study.set_user_attr(key, value)
     done = rejected = 0
     with tqdm(total=trials, desc=name, unit="trial", leave=False) as bar:
@@ -154,8 +156,18 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=DEBIAN_FILES, help="folder with the idx files")
     parser.add_argument("--seeds", type=int, default=3, help="sampler seeds per strategy (default: 3)")
     parser.add_argument("--trials", type=int, default=12, help="finished trials per study (default: 12)")
-    parser.add_argument("--train", type=int, default=1500, help="training images, 20%% held out for validation")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of a trial that is not pruned (default: 6)")
+    parser.add_argument("--startup-trials", type=int, default=3, help="as `sweep run --startup-trials` (default: 3)")
+    parser.add_argument("--train", type=int, default=1500, help="images taken from the training set (default: 1500)")
+    parser.add_argument("--val-fraction", type=float, default=0.4, help="their share held out for validation")
+    parser.add_argument(
+        "--strategies",
+        default="random,tpe,tpe+asha,tpe+hyperband",
+        help=f"comma-separated, of {', '.join(STRATEGIES)}; the last is compared with the first",
+    )
     args = parser.parse_args()
+    strategies = {name: STRATEGIES[name] for name in args.strategies.split(",")}
+    fixed = {**FIXED, "train.epochs": args.epochs, "data.val_fraction": args.val_fraction}
 
     work = Path(tempfile.mkdtemp(prefix="sweep_search_"))
     project = work / "project"
@@ -164,7 +176,7 @@ def main() -> None:
         build_subset(args.source, work / "fmnist", args.train, seed=0)
         copy_pipeline(ROOT, project, user="bench")
         # The fixed settings in params.yaml, so that split, prepare and stats run at the images' own 28 px.
-        base = with_overrides(read_raw(project / "params.yaml"), FIXED)
+        base = with_overrides(read_raw(project / "params.yaml"), fixed)
         (project / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
         for cmd in (
             [sys.executable, "-m", "inatpipe.cli", "data", "fetch", str(work / "fmnist")],
@@ -180,12 +192,12 @@ def main() -> None:
         os.environ[STORAGE_ENV] = url  # how each trial's training run finds its study, as under `sweep run`
         os.chdir(project)
         stage = load_stage(project)
-        results: dict[str, list[dict]] = {name: [] for name in STRATEGIES}
+        results: dict[str, list[dict]] = {name: [] for name in strategies}
         start = time.perf_counter()
         for seed in range(args.seeds):
-            for name, (sampler, pruner) in STRATEGIES.items():
+            for name, (sampler, pruner) in strategies.items():
                 study = f"{name.replace('+', '-')}-{seed}"  # a study name is letters, digits, '-', '_', '.'
-                r = run_study(study, sampler, pruner, seed, args.trials, url, base, stage)
+                r = run_study(study, sampler, pruner, seed, args, url, base, stage)
                 results[name].append(r)
                 print(
                     f"seed {seed} {name:<11} best val acc {r['best']:.4f}  epochs {r['epochs']:4d}  "
@@ -197,28 +209,24 @@ def main() -> None:
         os.chdir(ROOT)
         shutil.rmtree(work, ignore_errors=True)
 
-    n_val = round(args.train * 0.2)
+    n_val = round(args.train * args.val_fraction)
     print(
         f"\ncores: {os.cpu_count()}   Fashion-MNIST subset: {args.train} training images ({n_val} held out for "
-        f"validation), {args.trials} trials of at most {EPOCHS} epochs per study, seeds 0-{args.seeds - 1}, "
-        f"{minutes:.1f} minutes in all"
+        f"validation), {args.trials} trials of at most {args.epochs} epochs per study "
+        f"({args.startup_trials} startup trials), seeds 0-{args.seeds - 1}, {minutes:.1f} minutes in all"
     )
-    print(f"{'strategy':<11} {'best val acc (mean)':>19} {'per seed':>26} {'epochs (mean)':>13} {'pruned':>7}")
+    print(f"{'strategy':<14} {'best val acc (mean)':>19} {'per seed':>26} {'epochs (mean)':>13} {'pruned':>7}")
     for name, rs in results.items():
         per_seed = " ".join(f"{r['best']:.4f}" for r in rs)
         print(
-            f"{name:<11} {np.mean([r['best'] for r in rs]):19.4f} {per_seed:>26} "
+            f"{name:<14} {np.mean([r['best'] for r in rs]):19.4f} {per_seed:>26} "
             f"{np.mean([r['epochs'] for r in rs]):13.1f} {np.mean([r['pruned'] for r in rs]):7.1f}"
         )
-    random_best = np.mean([r["best"] for r in results["random"]])
-    pruned_best = np.mean([r["best"] for r in results["tpe+median"]])
-    epochs_ratio = np.mean([r["epochs"] for r in results["tpe+median"]]) / np.mean(
-        [r["epochs"] for r in results["random"]]
-    )
-    print(
-        f"tpe+median vs random: best val acc {100 * (pruned_best - random_best):+.2f} points, "
-        f"epochs x{epochs_ratio:.2f}"
-    )
+    first = next(iter(results))  # the baseline the others are compared with
+    for name in [n for n in results if n != first]:
+        gap = np.mean([r["best"] for r in results[name]]) - np.mean([r["best"] for r in results[first]])
+        ratio = np.mean([r["epochs"] for r in results[name]]) / np.mean([r["epochs"] for r in results[first]])
+        print(f"{name} vs {first}: best val acc {100 * gap:+.2f} points, epochs x{ratio:.2f}")
 
 
 if __name__ == "__main__":

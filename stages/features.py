@@ -14,7 +14,7 @@ from inatpipe.training.precision import resolve_precision
 
 def run(p: Params) -> None:
     r = p.resnet
-    reason = forward_reason(r.strategy, p.data.augment)
+    reason = forward_reason(r.strategy, p.data.augment, r.mixup > 0 or r.cutmix > 0)
     if reason:
         write_skipped(reason)
         print(f"no cached features: {reason}; train_resnet runs the backbone every epoch")

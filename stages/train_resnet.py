@@ -24,7 +24,7 @@ def run(p: Params) -> None:
     model = spec.build()
     pretrained = load_pretrained(model, r.weights, r.arch, r.require_pretrained)
 
-    features, reason = None, forward_reason(r.strategy, p.data.augment)
+    features, reason = None, forward_reason(r.strategy, p.data.augment, r.mixup > 0 or r.cutmix > 0)
     if reason:
         print(f"full forward pass every epoch: {reason}")
     else:

@@ -188,12 +188,14 @@ def test_fingerprint_is_exactly_what_dvc_yaml_declares(tmp_path: Path):
 
 EPOCHS = 8
 PARAMS = {
-    # One loader worker: each epoch then starts fresh worker processes, whose seeds must come out the same too.
-    "data": {"image_size": 16, "num_workers": 1},
+    # One loader worker: each epoch then starts fresh worker processes, whose seeds must come out the same too;
+    # there they draw crops, a policy's operations and erased boxes.
+    "data": {"image_size": 16, "num_workers": 1, "policy": "trivialaugment", "random_erasing": 0.25},
     "model": {"num_filters": [8, 16], "dense_neurons": 32},
     # A rate this high makes validation jumpy: the best epoch comes early, and the kill is placed after it, so the
     # resumed run must rewrite the best checkpoint from the weights the resume state kept, not the current ones.
-    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 1.0e-1},
+    # Mixing draws in the training process, and the weight average carries state from step to step.
+    "train": {"epochs": EPOCHS, "batch_size": 8, "learning_rate": 1.0e-1, "mixup": 0.2, "cutmix": 1.0, "ema": 0.5},
 }
 
 
@@ -334,8 +336,17 @@ RESNET_PARAMS = {
 RESNET_RUNS = {
     "head": {},
     "staged": {
-        "resnet": {"strategy": "staged", "unfreeze": 1, "head_epochs": 1, "epochs": 3, "batch_size": 16},
-        "data": {"augment": True},
+        "resnet": {
+            "strategy": "staged",
+            "unfreeze": 1,
+            "head_epochs": 1,
+            "epochs": 3,
+            "batch_size": 16,
+            "mixup": 0.2,
+            "cutmix": 1.0,
+            "ema": 0.9,
+        },
+        "data": {"augment": True, "policy": "randaugment", "random_erasing": 0.5},
     },
 }
 

@@ -161,7 +161,7 @@ def test_sweep_queue_says_what_replaced_it(tmp_path: Path):
     ("args", "space", "message"),
     [
         (["--sampler", "bayes"], None, "--sampler 'bayes' is not one of tpe, random, grid"),
-        (["--pruner", "asha"], None, "--pruner 'asha' is not one of median, hyperband, none"),
+        (["--pruner", "wilcoxon"], None, "--pruner 'wilcoxon' is not one of median, asha, hyperband, none"),
         (
             [],
             "parameters:\n  model.kernal_size: {values: [3, 5]}\n",

@@ -4,14 +4,22 @@
 (n, 3, side, side), and return uint8 batches at the training size: one vectorised operation per batch instead of a
 Python call per image (what makes small images cheap to load). Scaling and normalisation follow on the device
 (`dataset.normalize`). Predictions on image files go through the same two steps (evaluation/predict.py).
+`training_transform` chains what `data` asks for on training batches: the crop, flip and rotation, a policy
+(`BatchPolicy`) and random erasing (`BatchErase`). They run where the batch is loaded (in the loader workers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from inatpipe.params import DataParams
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BatchResize:
@@ -63,3 +71,76 @@ class BatchAugment:
         grid = torch.stack([a * u + b * v + cx.view(-1, 1, 1), c * u + d * v + cy.view(-1, 1, 1)], dim=-1)
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return out.add_(0.5).to(torch.uint8)  # round: bilinear weights keep values within [0, 255]
+
+
+class BatchPolicy:
+    """An augmentation policy of torchvision (TrivialAugmentWide, RandAugment with its defaults) on a uint8 batch:
+    each image gets its own draw of operation and strength, from torch's global generator, as the crops do."""
+
+    POLICIES: dict[str, Callable[[], v2.Transform]] = {
+        "trivialaugment": v2.TrivialAugmentWide,
+        "randaugment": v2.RandAugment,
+    }
+
+    def __init__(self, name: str):
+        self.name = name
+        self.policy = self.POLICIES[name]()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.policy(image) for image in x])
+
+
+class BatchErase:
+    """Random erasing of a uint8 batch, each image drawn on its own, vectorised: with probability `p`, a box of
+    uniform noise covering a uniform share in [0.02, 1/3] of the image, with a log-uniform aspect ratio in
+    [0.3, 3.3], at a uniform position (the ranges of torchvision's RandomErasing, with its value="random"). Every
+    image draws the same count of numbers whether erased or not, so the stream of draws does not depend on `p`."""
+
+    SCALE = (0.02, 1 / 3)
+    RATIO = (0.3, 3.3)
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        erased = torch.rand(n) < self.p
+        area = torch.empty(n).uniform_(*self.SCALE) * (h * w)
+        ratio = torch.empty(n).uniform_(math.log(self.RATIO[0]), math.log(self.RATIO[1])).exp()
+        box_h = (area * ratio).sqrt().round().clamp(1, h)
+        box_w = (area / ratio).sqrt().round().clamp(1, w)
+        top = (torch.rand(n) * (h - box_h + 1)).floor().view(-1, 1, 1)
+        left = (torch.rand(n) * (w - box_w + 1)).floor().view(-1, 1, 1)
+        rows, cols = torch.arange(h).view(1, -1, 1), torch.arange(w).view(1, 1, -1)
+        inside = (
+            (rows >= top) & (rows < top + box_h.view(-1, 1, 1)) & (cols >= left) & (cols < left + box_w.view(-1, 1, 1))
+        )
+        noise = torch.randint(0, 256, x.shape, dtype=torch.uint8)
+        return torch.where((inside & erased.view(-1, 1, 1)).unsqueeze(1), noise, x)
+
+
+class Chain:
+    """Batch transforms applied one after the other."""
+
+    def __init__(self, *steps: BatchTransform):
+        self.steps = steps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def training_transform(data: DataParams) -> BatchTransform:
+    """What training batches go through: with `data.augment`, the crop, flip and rotation, then `data.policy`'s
+    operations and `data.random_erasing`; without it, the resize alone (as validation), whatever those say."""
+    crop = BatchAugment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
+    policy, erasing = data.policy, data.random_erasing  # read either way: the stage declares them all
+    if not data.augment:
+        return BatchResize(data.image_size)
+    steps: list[BatchTransform] = [crop]
+    if policy != "basic":
+        steps.append(BatchPolicy(policy))
+    if erasing > 0:
+        steps.append(BatchErase(erasing))
+    return steps[0] if len(steps) == 1 else Chain(*steps)

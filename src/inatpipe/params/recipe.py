@@ -31,8 +31,8 @@ RESNET_STAGES = 5  # stem, layer1, layer2, layer3, layer4: what resnet.unfreeze 
 
 @dataclass(frozen=True)
 class RecipeParams(Section):
-    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, early stopping, budget,
-    and how the loop runs (precision, memory layout, torch.compile).
+    """How a model is trained: optimizer, per-batch learning-rate schedule, loss smoothing, batch mixing, weight
+    averaging, early stopping, budget, and how the loop runs (precision, memory layout, torch.compile).
 
     One set of keys, one implementation (training/recipe.py), two sections: `train` (FlexibleCNN) and `resnet`.
     """
@@ -48,6 +48,12 @@ class RecipeParams(Section):
     # Longer than the run, it is shortened to half the run (see `warmup`): a one-key `epochs=1` override still runs.
     warmup_epochs: Annotated[float, at_least(0, "a number of epochs")]
     label_smoothing: Annotated[float, within(0, 1)]
+    # Mixing of whole training batches (training/mixing.py): Beta(alpha, alpha) mixing weights; 0 turns one off.
+    mixup: Annotated[float, at_least(0, "a number", "(the Beta distribution's alpha; 0 turns MixUp off)")]
+    cutmix: Annotated[float, at_least(0, "a number", "(the Beta distribution's alpha; 0 turns CutMix off)")]
+    mix_switch_prob: Annotated[float, within(0, 1, closed="[]", note="(a batch's chance of CutMix when both are on)")]
+    # Exponential moving average of the weights (training/ema.py), validated and saved as the model; 0 = off.
+    ema: Annotated[float, within(0, 1, note="(the EMA decay per step, e.g. 0.999; 0 turns it off)")]
     patience: Annotated[int, at_least(0, note="(0 turns early stopping off)")]
     grad_clip: Annotated[float, at_least(0, "a number", "(0 turns clipping off)")]
     max_minutes: Annotated[float, at_least(0, "a number", "(0: no time limit)")]

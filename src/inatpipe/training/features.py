@@ -34,10 +34,13 @@ BATCH_SIZE = 64
 SUBSETS = ("train", "val")
 
 
-def forward_reason(strategy: str, augment: bool) -> str | None:
-    """Why the full forward pass must run every epoch, or None when stored features give the same result."""
+def forward_reason(strategy: str, augment: bool, mixes: bool = False) -> str | None:
+    """Why the full forward pass must run every epoch, or None when stored features give the same result.
+    `mixes`: MixUp or CutMix is on (they mix images, before the backbone)."""
     if strategy != "head":
         return f"resnet.strategy is {strategy}: backbone layers train, so their features change with every step"
+    if mixes:
+        return "resnet.mixup or resnet.cutmix is on: every batch mixes new images, so new features"
     if augment:
         return "data.augment is on: every epoch sees new random crops, so new features"
     return None

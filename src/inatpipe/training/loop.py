@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from inatpipe.errors import UserError
 from inatpipe.training.distributed import all_reduce_sums, set_epoch
+from inatpipe.training.ema import WeightAverage
+from inatpipe.training.mixing import Mixer
 from inatpipe.training.precision import autocast, grad_scaler, memory_format, to_device
 
 
@@ -85,18 +87,26 @@ def train_one_epoch(
     precision: str = "fp32",
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    mix: Mixer | None = None,
+    ema: WeightAverage | None = None,
 ) -> tuple[float, float, float]:
-    """One pass over `loader`; returns (mean loss, accuracy) over the samples seen, and the last batch's rate."""
+    """One pass over `loader`; returns (mean loss, accuracy) over the samples seen, and the last batch's rate.
+
+    `mix` mixes each batch (MixUp, CutMix) into soft targets for the loss; accuracy stays against each image's own
+    class. `ema` blends the weights in after every optimizer step."""
     model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
     bar = tqdm(loader, desc=desc, unit="batch", disable=None, leave=False)
     for x, y in bar:
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        x, targets = mix(x, y) if mix is not None else (x, y)
         with autocast(device, precision):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, targets)
         lr = optimizer.param_groups[0]["lr"]
         _update(model, loss, optimizer, scheduler, grad_clip, scaler)
+        if ema is not None:
+            ema.update()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -143,6 +153,8 @@ def fit(
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     compile: bool = False,
+    mix: Mixer | None = None,
+    ema: WeightAverage | None = None,
 ) -> Iterator[EpochMetrics]:
     """Train for epochs start_epoch+1 .. epochs, yielding each epoch's train and validation metrics.
 
@@ -151,17 +163,21 @@ def fit(
     (fp32, bf16, fp16) autocasts forward passes; `channels_last` keeps images and weights in NHWC layout, which the
     CPU and GPU convolution kernels run faster on. `scaler`: fp16's loss scaler, for a caller that keeps its state
     (a resumed run); made here when None. `compile` runs training and evaluation through torch.compile; `model`
-    itself stays uncompiled, so its state_dict is what callers save.
+    itself stays uncompiled, so its state_dict is what callers save. `mix` mixes training batches (training/
+    mixing.py); with `ema` (training/ema.py), validation scores the averaged weights, not the raw ones.
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     val_loss_fn = nn.CrossEntropyLoss()
     # Moves parameters in place, so an optimizer built before this call still holds them.
     model.to(device, memory_format=memory_format(channels_last))
+    if ema is not None:
+        ema.to(device, memory_format(channels_last))
     if scaler is None:
         scaler = grad_scaler(device, precision)
     # The compiled wrapper shares the model's parameters, so the optimizer trains them; its state_dict keys gain an
     # `_orig_mod.` prefix, which is why callers save `model`, never the wrapper.
     runner = torch.compile(model) if compile else model
+    validated = runner if ema is None else ema.counterpart(model)
     guard = _compile_errors if compile else contextlib.nullcontext  # only a compiling run needs torch._dynamo loaded
     for epoch in range(start_epoch + 1, epochs + 1):
         start = time.perf_counter()
@@ -179,6 +195,8 @@ def fit(
                 precision,
                 channels_last,
                 scaler,
+                mix,
+                ema,
             )
-            val_loss, val_acc = evaluate(runner, val_loader, val_loss_fn, device, precision, channels_last)
+            val_loss, val_acc = evaluate(validated, val_loader, val_loss_fn, device, precision, channels_last)
         yield EpochMetrics(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - start, lr)

@@ -27,6 +27,7 @@ from inatpipe import torchfile
 from inatpipe.dvc_cli import stage_inputs
 from inatpipe.errors import UserError
 from inatpipe.params import lookup, read_raw
+from inatpipe.training.ema import WeightAverage
 from inatpipe.training.loop import EpochMetrics
 from inatpipe.training.recipe import Progress
 
@@ -126,6 +127,7 @@ class ResumeState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any]  # fp16's loss scale and its growth count; empty without one
+    ema: dict[str, torch.Tensor]  # the weight average and its update count; empty without `ema`
     rng: dict[str, Any]
 
 
@@ -195,6 +197,7 @@ class ResumeRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     generator: torch.Generator  # the loaders' generator
+    ema: WeightAverage | None = None
     start: ResumeState | None = None
 
     @classmethod
@@ -207,9 +210,10 @@ class ResumeRun:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler | None,
         generator: torch.Generator,
+        ema: WeightAverage | None = None,
     ) -> ResumeRun:
-        """Load a matching state at `path` into the freshly built model, optimizer, schedule and loss scaler (the
-        RNGs are restored later, by `continued`); without one, the run starts from epoch 1."""
+        """Load a matching state at `path` into the freshly built model, optimizer, schedule, loss scaler and weight
+        average (the RNGs are restored later, by `continued`); without one, the run starts from epoch 1."""
         start = load_state(path, fingerprint)
         if start is not None:
             model.load_state_dict(start.model)
@@ -217,7 +221,9 @@ class ResumeRun:
             scheduler.load_state_dict(start.scheduler)
             if scaler is not None and start.scaler:
                 scaler.load_state_dict(start.scaler)
-        return cls(path, fingerprint, optimizer, scheduler, scaler, generator, start)
+            if ema is not None and start.ema:
+                ema.load_state_dict(start.ema)
+        return cls(path, fingerprint, optimizer, scheduler, scaler, generator, ema, start)
 
     @property
     def start_epoch(self) -> int:
@@ -253,6 +259,7 @@ class ResumeRun:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else {},
+            ema=self.ema.state_dict() if self.ema is not None else {},
             rng=capture_rng(self.generator),
         )
         save_state(self.path, state)

@@ -26,11 +26,13 @@ from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import read_classes
 from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.stats import read_stats
-from inatpipe.data.transforms import BatchAugment, BatchResize
+from inatpipe.data.transforms import BatchResize, training_transform
 from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
 from inatpipe.training import distributed
+from inatpipe.training.ema import WeightAverage, weight_average
 from inatpipe.training.loop import EpochMetrics, fit
+from inatpipe.training.mixing import Mixer, batch_mixer
 from inatpipe.training.precision import grad_scaler, resolve_precision
 from inatpipe.training.recipe import Progress, build_optimizer, build_scheduler, training_loss
 from inatpipe.training.resume import Resumable, ResumeRun, fingerprint
@@ -75,8 +77,7 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     read_meta(paths.PREPARED_DIR, data.image_size)
     mean, std = stats["mean"], stats["std"]
     plain = BatchResize(data.image_size)
-    augmented = BatchAugment(data.image_size, hflip=data.hflip, rotation=data.rotation, crop_scale=data.crop_scale)
-    train_set = PreparedDataset(paths.PREPARED_DIR, "train", augmented if data.augment else plain)
+    train_set = PreparedDataset(paths.PREPARED_DIR, "train", training_transform(data))
     val_set = PreparedDataset(paths.PREPARED_DIR, "val", plain)
     loader_args = {"num_workers": loader_workers(data.num_workers), "generator": generator, "device": device}
     if distributed.active():  # under torchrun: each rank loads its share of every batch, and of the val subset
@@ -112,12 +113,39 @@ Judge = Callable[[EpochMetrics], str | None]
 
 @dataclass(frozen=True)
 class Optimization:
-    """What training steps besides the model, and a resume state restores: optimizer, per-batch schedule and
-    fp16's loss scaler (None in other precisions)."""
+    """What training steps besides the model, and a resume state restores: optimizer, per-batch schedule, fp16's
+    loss scaler (None in other precisions) and the weight average (None without `ema`); and how batches are mixed
+    (None without MixUp and CutMix), whose draws the saved RNG states cover."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    ema: WeightAverage | None = None
+    mix: Mixer | None = None
+
+    @classmethod
+    def of_recipe(
+        cls,
+        model: nn.Module,
+        recipe: RecipeParams,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        device: torch.device,
+        num_classes: int,
+    ) -> Optimization:
+        """`optimizer` and `scheduler` with the recipe's loss scaler, weight average of `model` and batch mixing."""
+        return cls(
+            optimizer,
+            scheduler,
+            grad_scaler(device, recipe.precision),
+            weight_average(model, recipe.ema),
+            batch_mixer(recipe, num_classes),
+        )
+
+    @property
+    def kept(self) -> Callable[[nn.Module], nn.Module]:
+        """The weights of a model that are validated and saved: the average with `ema`, else the model's own."""
+        return (lambda model: model) if self.ema is None else (lambda model: self.ema.counterpart(model))
 
 
 def train_with_recipe(
@@ -134,7 +162,7 @@ def train_with_recipe(
     after any epoch); returns the summary."""
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(data.train))
-    steps = Optimization(optimizer, scheduler, grad_scaler(device, recipe.precision))
+    steps = Optimization.of_recipe(model, recipe, optimizer, scheduler, device, len(data.classes))
 
     def history(start_epoch: int) -> Iterator[EpochMetrics]:
         net = distributed.wrap(model, device, recipe.channels_last)
@@ -174,6 +202,8 @@ def fit_recipe(
         channels_last=recipe.channels_last if channels_last is None else channels_last,
         scaler=steps.scaler,
         compile=recipe.compile,
+        mix=steps.mix,
+        ema=steps.ema,
     )
 
 
@@ -201,7 +231,8 @@ def train_tracked(
     ran = {"precision": resolve_precision(device, recipe.precision), "processes": distributed.world_size()}
     summary = {**ran, **(summary or {})}
     start = run.start_epoch if run else 0
-    return track(model, history(start), spec, outputs, progress, resume=run, summary=summary, judges=judges)
+    kept = steps.kept(model)  # the weights validated and saved
+    return track(model, history(start), spec, outputs, progress, resume=run, summary=summary, judges=judges, kept=kept)
 
 
 def _resume_run(
@@ -217,7 +248,11 @@ def _resume_run(
     # Optimizer state loads onto its parameters' device: on a GPU, the parameters must be there first, or the first
     # step would mix CPU moments with GPU weights (fit moves the model, not the optimizer state).
     model.to(device)
-    return ResumeRun.begin(resume.path, current, model, steps.optimizer, steps.scheduler, steps.scaler, generator)
+    if steps.ema is not None:
+        steps.ema.to(device)
+    return ResumeRun.begin(
+        resume.path, current, model, steps.optimizer, steps.scheduler, steps.scaler, generator, steps.ema
+    )
 
 
 def track(
@@ -230,12 +265,14 @@ def track(
     resume: ResumeRun | None = None,
     summary: dict[str, Any] | None = None,
     judges: Sequence[Judge] = (),
+    kept: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), keep the best-on-val checkpoint, and stop
     when `progress` says so (early stopping, wall-time budget) or one of `judges` does (a sweep's pruner). With
-    `resume`, save a resume state after every epoch, and continue the run it started from. Returns the run's summary
-    metrics. Under torchrun only rank 0 writes and prints; the others follow its decision to stop."""
-    run = _Tracker(model, spec, outputs, progress, resume, judges)
+    `resume`, save a resume state after every epoch, and continue the run it started from. `kept`: the weights
+    validated and checkpointed, when not `model`'s own (its weight average). Returns the run's summary metrics.
+    Under torchrun only rank 0 writes and prints; the others follow its decision to stop."""
+    run = _Tracker(model, spec, outputs, progress, resume, judges, kept)
     if not distributed.is_main():
         run.follow(history)
         return {}
@@ -264,8 +301,10 @@ class _Tracker:
         progress: Progress,
         resume: ResumeRun | None,
         judges: Sequence[Judge] = (),
+        kept: nn.Module | None = None,
     ):
         self.model, self.spec, self.outputs, self.resume, self.judges = model, spec, outputs, resume, judges
+        self.kept = model if kept is None else kept
         self.total, self.trainable = count_parameters(model)
         self.progress, self.logged, self.best_model, elapsed_before = progress, [], {}, 0.0
         if resume and resume.start:
@@ -312,7 +351,7 @@ class _Tracker:
         if improved:
             self.save_best()
             if self.resume:
-                self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_model = {k: v.detach().cpu().clone() for k, v in self.kept.state_dict().items()}
         tqdm.write(
             f"epoch {m.epoch}/{self.progress.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}  "
             f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
@@ -325,7 +364,7 @@ class _Tracker:
             "val_accuracy": self.progress.best_val_accuracy,
             "params_trainable": self.trainable,
         }
-        save_checkpoint(self.outputs.checkpoint, self.spec, weights or self.model.state_dict(), extra)
+        save_checkpoint(self.outputs.checkpoint, self.spec, weights or self.kept.state_dict(), extra)
 
     def save_state(self) -> None:
         if self.resume:

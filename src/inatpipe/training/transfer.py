@@ -24,7 +24,6 @@ from inatpipe.models.resnet import STAGES, TransferResNet
 from inatpipe.params import ResnetParams
 from inatpipe.training.features import BackboneFeatures
 from inatpipe.training.loop import EpochMetrics
-from inatpipe.training.precision import grad_scaler
 from inatpipe.training.recipe import build_optimizer, build_scheduler, parameter_groups
 from inatpipe.training.tracking import Optimization, RunOutputs, TrainingData, fit_recipe, train_tracked
 
@@ -68,9 +67,10 @@ def build_finetuning(
 def finetuning_steps(
     model: TransferResNet, recipe: ResnetParams, steps_per_epoch: int, device: torch.device
 ) -> Optimization:
-    """`build_finetuning`'s optimizer and schedule, and the recipe's loss scaler (made here so a resume keeps it)."""
+    """`build_finetuning`'s optimizer and schedule, with the recipe's loss scaler, weight average and mixing (made
+    here so a resume keeps them)."""
     optimizer, scheduler = build_finetuning(model, recipe, steps_per_epoch)
-    return Optimization(optimizer, scheduler, grad_scaler(device, recipe.precision))
+    return Optimization.of_recipe(model, recipe, optimizer, scheduler, device, model.head.out_features)
 
 
 def finetune_history(
