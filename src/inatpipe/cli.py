@@ -96,7 +96,7 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
     steps = args.steps or default_steps(s.steps_per_epoch)
     print(f"lr-find: {args.model}, {steps} steps from {args.start:g} to {args.end:g} ({s.steps_per_epoch} per epoch)")
     test = find_lr(s, start=args.start, end=args.end, steps=steps)
-    png, json = write_lr_find(test, args.out, f"{args.model}: LR range test on the current params")
+    png, json = write_lr_find(test, args.out, args.model)
     print(f"wrote {png} and {json}")
     found = test.suggestion()
     steepest = f"{found['steepest']:.2e}" if found["steepest"] is not None else "none"

@@ -14,7 +14,8 @@ PNG, JSON = "lr_find.png", "lr_find.json"
 
 
 def lr_find_figure(test: RangeTest, out: Path, title: str = "") -> Path:
-    """Batch losses (faint) and their moving average against the rate on a log axis, the suggestions as lines."""
+    """Batch losses (faint) and their moving average against the rate on a log axis, the suggestions as lines;
+    `title` names what was tested (the model), beside the steps run."""
     fig = Figure(figsize=(7, 4.2), dpi=100)
     ax = fig.subplots()
     ax.plot(test.lrs, test.losses, color="#bbbbbb", linewidth=0.8, label="batch loss")
@@ -32,10 +33,9 @@ def lr_find_figure(test: RangeTest, out: Path, title: str = "") -> Path:
         if lr is not None:
             ax.axvline(lr, color=color, linestyle=style, linewidth=1.2, label=f"{label}: {lr:.2e}")
     ax.legend(fontsize=8, loc="upper left")
-    stopped = (
-        f"{len(test.lrs)} of {test.steps} steps, {'stopped: the loss diverged' if test.diverged else 'no divergence'}"
-    )
-    ax.set_title(f"{title or 'LR range test'} ({stopped})", fontsize=10)
+    stopped = "the loss diverged" if test.diverged else "no divergence"
+    name = f", {title}" if title else ""
+    ax.set_title(f"LR range test{name}: {len(test.lrs)} of {test.steps} steps, {stopped}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, out)
