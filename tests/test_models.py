@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import socket
 from pathlib import Path
@@ -11,11 +12,15 @@ import torch
 import torchvision
 from torch import nn
 
+from inatpipe.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from inatpipe.errors import UserError
 from inatpipe.models import MODELS, build_model, count_parameters
-from inatpipe.models.flexible_cnn import FlexibleCNN
+from inatpipe.models.flexible_cnn import FlexibleCNN, ResidualBlock
 from inatpipe.models.resnet import TransferResNet, load_pretrained
-from inatpipe.params import ACTIVATIONS, POOLINGS
+from inatpipe.params import ACTIVATIONS, POOLINGS, load_params
+from inatpipe.params.filters import EXPLICIT, FILTER_PATTERNS, expand_filters
+
+from .conftest import ROOT
 
 SMALL = {"num_filters": (4, 8), "dense_neurons": 16}
 
@@ -173,3 +178,74 @@ def test_imagenet_weights_without_network_warn_or_fail_as_asked(tmp_path, monkey
     assert "https://download.pytorch.org/models/resnet18" in err and str(tmp_path) in err
     with pytest.raises(UserError, match="could not be loaded"):
         load_pretrained(model, "imagenet", "resnet18", require=True)
+
+
+# --- model.residual: a shortcut around each block's convolutions ----------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", FILTER_PATTERNS)
+@pytest.mark.parametrize("convs_per_block", [1, 2])
+def test_residual_blocks_run_for_every_filter_pattern(pattern: str, convs_per_block: int):
+    filters = list(expand_filters(pattern, 4, 3)) if pattern != EXPLICIT else [4, 8, 8]
+    model = FlexibleCNN(3, 16, filters, dense_neurons=8, convs_per_block=convs_per_block, residual=True)
+    forward_ok(model, 16, 3)
+    blocks = [m for m in model.features if isinstance(m, ResidualBlock)]
+    assert len(blocks) == len(filters)
+    # the sum feeds the pool: per block, the residual block then its pooling layer
+    assert [type(m).__name__ for m in model.features] == ["ResidualBlock", "MaxPool2d"] * len(filters)
+    widths_in = [3, *filters[:-1]]
+    for block, c_in, c_out in zip(blocks, widths_in, filters, strict=True):
+        assert block(torch.zeros(2, c_in, 8, 8)).shape == (2, c_out, 8, 8)
+        assert isinstance(block.shortcut, nn.Identity) == (c_in == c_out)
+
+
+def test_a_residual_block_with_zeroed_convs_passes_its_input_through():
+    """With every conv weight zero (and BN as initialised, in eval mode), the convs add nothing: a residual block
+    gives act(x), the same block without a shortcut gives act(0) = 0."""
+    plain = FlexibleCNN(2, 8, (3, 3), dense_neurons=4, convs_per_block=2, activation="ReLU", residual=False).eval()
+    residual = FlexibleCNN(2, 8, (3, 3), dense_neurons=4, convs_per_block=2, activation="ReLU", residual=True).eval()
+    for model in (plain, residual):
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.zeros_(m.weight)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(residual.features[0](x), x.clamp(min=0))  # identity shortcut, then ReLU
+        assert torch.equal(plain.features[:6](x), torch.zeros_like(x))  # two conv -> BN -> ReLU
+        assert torch.equal(residual.features(x), torch.max_pool2d(torch.max_pool2d(x.clamp(min=0), 2), 2))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_residual_adds_only_the_one_by_one_projections(batch_norm: bool):
+    filters, convs = (4, 4, 8, 16, 16), 2
+    plain = FlexibleCNN(3, 32, filters, batch_norm=batch_norm, dense_neurons=8, convs_per_block=convs)
+    residual = FlexibleCNN(3, 32, filters, batch_norm=batch_norm, dense_neurons=8, convs_per_block=convs, residual=True)
+    # widths change 3 -> 4, 4 -> 8 and 8 -> 16: a 1x1 conv each, plus BN's scale and shift (or the conv's bias)
+    projections = [(3, 4), (4, 8), (8, 16)]
+    extra = sum(c_in * c_out + 2 * c_out if batch_norm else c_in * c_out + c_out for c_in, c_out in projections)
+    assert count_parameters(residual)[0] - count_parameters(plain)[0] == extra
+    one_by_one = [m for m in residual.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(one_by_one) == len(projections)
+
+
+def test_a_checkpoint_config_without_residual_builds_the_plain_network(tmp_path: Path):
+    """Checkpoints written before the key existed record no `residual`: they rebuild as they were, weights and all."""
+    config = {"image_size": 16, "num_filters": [4, 8], "dense_neurons": 8}
+    model = build_model("flexible_cnn", 3, config)
+    assert not any(isinstance(m, ResidualBlock) for m in model.modules())
+    spec = ModelSpec("flexible_cnn", config, ["a", "b", "c"], 16, [0.5] * 3, [0.2] * 3)
+    save_checkpoint(tmp_path / "old.pt", spec, model.state_dict())
+    loaded, meta = load_checkpoint(tmp_path / "old.pt")
+    assert "residual" not in meta["model_config"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_the_model_section_records_residual_in_the_architecture():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.residual is False  # the report's network stays the default
+    on = dataclasses.replace(params.model, residual=True).architecture()
+    assert on["residual"] is True
+    model = build_model("flexible_cnn", 3, {"image_size": 32, **on})
+    assert sum(isinstance(m, ResidualBlock) for m in model.modules()) == len(on["num_filters"])

@@ -63,6 +63,8 @@ def test_shipped_params_load_with_the_documented_keys():
         ("model.num_filters", 32, "model.num_filters must be a list"),
         ("model.batch_norm", "yes", "model.batch_norm must be true or false"),
         ("model.convs_per_block", 0, "model.convs_per_block must be an integer >= 1"),
+        ("model.residual", 2, "model.residual must be true or false, got 2"),
+        ("model.residual", "yes", "model.residual must be true or false, got 'yes'"),
         ("train.learning_rate", "fast", "train.learning_rate must be a number"),
         ("train.learning_rate", 0.0, "train.learning_rate must be a positive number"),
         ("train.epochs", 0, "train.epochs must be an integer >= 1"),
@@ -183,6 +185,15 @@ def test_stage_reports_bad_params_in_one_line_without_traceback(tmp_path: Path):
         "(same-padding needs an odd size: 1, 3, 5, 7, ...), got 4"
     ]
     assert not (tmp_path / "models").exists()
+
+
+def test_bad_residual_value_stops_training_in_one_line(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text().replace("residual: false", "residual: 2", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    result = run_cli(tmp_path, "train_flexible")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: params.yaml: model.residual must be true or false, got 2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_stage_without_data_says_how_to_get_it(tmp_path: Path):

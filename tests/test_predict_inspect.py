@@ -116,6 +116,19 @@ def test_inspect_command(checkpoint: Path, capsys):
     assert "features.0  Conv2d             8 x 16 x 16" in out and "head.4      Linear             3 " in out
 
 
+def test_inspect_shows_residual_blocks_and_their_shortcuts(tmp_path: Path, capsys):
+    config = {**CONFIG, "residual": True}
+    model = build_model("flexible_cnn", len(CLASSES), config)
+    save_checkpoint(tmp_path / "res.pt", ModelSpec("flexible_cnn", config, CLASSES, 16, MEAN, STD), model.state_dict())
+    code, out, err = run_main(capsys, "inspect", "--model", str(tmp_path / "res.pt"))
+    assert code == 0, err
+    assert "'residual': True" in out
+    # the 1x1 projection of each block (3 -> 8, 8 -> 16 channels), beside the block's conv
+    assert re.search(r"^features\.0\.shortcut\.0 +Conv2d +8 x 16 x 16 +24$", out, re.M)
+    assert re.search(r"^features\.2\.shortcut\.0 +Conv2d +16 x 8 x 8 +128$", out, re.M)
+    assert re.search(r"^features\.0\.act +ReLU +8 x 16 x 16 ", out, re.M)
+
+
 def test_filters_and_guided_backprop_images(checkpoint: Path, tmp_path: Path, capsys):
     images = sorted((write_image_folder(tmp_path / "imgs", per_class=1)).rglob("*.png"))
     guided = [str(p) for p in images]

@@ -1,5 +1,5 @@
-"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters), and
-running and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
+"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters), finding a
+learning rate (lr-find), and running and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
 
 from __future__ import annotations
 
@@ -81,6 +81,32 @@ def cmd_filters(args: argparse.Namespace) -> None:
     if args.guided:
         guided_out = args.guided_out or Path(f"{args.model.stem}_guided_backprop.png")
         print(f"wrote {guided_backprop_figure(model, meta, args.guided, guided_out)}")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> None:
+    from inatpipe.evaluation.lr_find_report import write_lr_find
+    from inatpipe.params import load_params
+    from inatpipe.training.lr_find import default_steps, find_lr, setup
+
+    if args.steps is not None and args.steps < 2:
+        raise UserError(f"--steps must be at least 2, got {args.steps}")
+    if not 0 < args.start < args.end:
+        raise UserError(f"--start must be above 0 and below --end, got --start {args.start:g} --end {args.end:g}")
+    s = setup(load_params(), args.model)
+    steps = args.steps or default_steps(s.steps_per_epoch)
+    print(f"lr-find: {args.model}, {steps} steps from {args.start:g} to {args.end:g} ({s.steps_per_epoch} per epoch)")
+    test = find_lr(s, start=args.start, end=args.end, steps=steps)
+    png, json = write_lr_find(test, args.out, args.model)
+    print(f"wrote {png} and {json}")
+    found = test.suggestion()
+    steepest = f"{found['steepest']:.2e}" if found["steepest"] is not None else "none"
+    print(f"lowest loss at {found['minimum']:.2e}; steepest fall at {steepest}; {len(test.lrs)} steps ran")
+    if found["note"]:
+        print(f"note: {found['note']}")
+    if found["recommended"] is not None:
+        section = "train" if args.model == "flexible" else "resnet"
+        print(f"suggested {section}.learning_rate: {found['recommended']:.1e} (minimum / 10)")
+        print(f"try it: dvc exp run -S {section}.learning_rate={found['recommended']:.1e}")
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> None:
@@ -239,6 +265,25 @@ def parser() -> argparse.ArgumentParser:
     filters.add_argument("--guided", type=Path, nargs="+", metavar="IMAGE", help="also draw guided-backprop maps")
     filters.add_argument("--guided-out", type=Path, help="default: <model name>_guided_backprop.png")
     filters.set_defaults(func=cmd_filters)
+
+    lr_find = sub.add_parser(
+        "lr-find", help="LR range test on the current params: loss against learning rate, and a suggested peak rate"
+    )
+    lr_find.add_argument(
+        "--model", default="flexible", help="flexible | resnet: whose recipe and model (default: flexible)"
+    )
+    lr_find.add_argument(
+        "--steps",
+        type=int,
+        help="training batches (default: a quarter of an epoch's, at least 50 and at most 200; fewer when the "
+        "loss diverges)",
+    )
+    lr_find.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: 1e-7)")
+    lr_find.add_argument("--end", type=float, default=10.0, help="last learning rate (default: 10)")
+    lr_find.add_argument(
+        "--out", type=Path, default=Path("reports/lr_find"), help="output folder (default: reports/lr_find)"
+    )
+    lr_find.set_defaults(func=cmd_lr_find)
 
     _add_sweep(sub)
     return p

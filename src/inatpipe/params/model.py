@@ -45,6 +45,7 @@ class ModelParams(Section):
     pooling_stride: Annotated[int, at_least(1)]
     dense_neurons: Annotated[int, at_least(1)]
     convs_per_block: Annotated[int, at_least(1)]
+    residual: bool  # a shortcut around each block's convolutions (identity, or 1x1 where the width changes)
 
     @property
     def filters(self) -> tuple[int, ...]:
