@@ -1,6 +1,7 @@
 """The GPU paths, checked and timed on a CUDA machine in one run: mixed precision (bf16; fp16 with loss scaling),
-channels_last, torch.compile, evaluation's timed forward pass, a resumed run's optimizer state on the GPU, and
-DistributedDataParallel with NCCL under torchrun.
+channels_last, torch.compile, evaluation's timed forward pass, a resumed run's optimizer state and weight average
+on the GPU, the recipe's mixing, policy, erasing and EMA on GPU batches, and DistributedDataParallel with NCCL
+under torchrun.
 
     PYTHONPATH=src python benchmarks/gpu_paths.py                 # everything (about 2 minutes on one H100)
     PYTHONPATH=src python benchmarks/gpu_paths.py --images 2048 --size 224 --steps 50
@@ -27,12 +28,14 @@ import torch
 
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.prepared import PreparedDataset, prepared_side
-from inatpipe.data.transforms import BatchAugment, BatchResize
+from inatpipe.data.transforms import BatchAugment, BatchErase, BatchPolicy, BatchResize, Chain
 from inatpipe.evaluation.metrics import predict
 from inatpipe.models import build_model
 from inatpipe.runtime import seed_everything
 from inatpipe.training import distributed
+from inatpipe.training.ema import WeightAverage
 from inatpipe.training.loop import evaluate, fit, train_one_epoch
+from inatpipe.training.mixing import batch_mixer
 from inatpipe.training.precision import grad_scaler, resolve_precision
 from inatpipe.training.recipe import Progress
 from inatpipe.training.resume import ResumeRun
@@ -68,9 +71,14 @@ def write_prepared(folder: Path, n: int, size: int, seed: int = 0) -> None:
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def loaders(folder: Path, size: int, batch: int, device: torch.device, generator: torch.Generator):
+def loaders(
+    folder: Path, size: int, batch: int, device: torch.device, generator: torch.Generator, strong: bool = False
+):
+    """Train and val loaders as the stages build them; `strong` adds TrivialAugmentWide and random erasing."""
     mean, std = [0.3] * 3, [0.25] * 3
     augment = BatchAugment(size, hflip=True, rotation=10.0, crop_scale=0.8)
+    if strong:
+        augment = Chain(augment, BatchPolicy("trivialaugment"), BatchErase(0.25))
     train = make_loader(
         PreparedDataset(folder, "train", augment),
         batch,
@@ -108,20 +116,36 @@ def step_rate(size: int, batch: int, device: torch.device, setting: tuple[str, b
     return steps * batch / (time.perf_counter() - start)
 
 
-def loader_rate(folder: Path, size: int, batch: int, device: torch.device) -> float:
+def loader_rate(folder: Path, size: int, batch: int, device: torch.device, recipe2: bool = False) -> float:
     """Images per second of one epoch through the pipeline's loader (augmented on the CPU, uint8 to the GPU from
-    pinned memory, normalised there) and the training step, in the default precision (bf16 + channels_last)."""
+    pinned memory, normalised there) and the training step, in the default precision (bf16 + channels_last).
+    `recipe2`: with TrivialAugmentWide and random erasing in the loader, MixUp/CutMix and an EMA in the loop."""
     generator = seed_everything(0, deterministic=False)
-    train, _ = loaders(folder, size, batch, device, generator)
-    model = build_model("flexible_cnn", CLASSES, {"image_size": size, **CONFIG}).to(device)
+    train, _ = loaders(folder, size, batch, device, generator, strong=recipe2)
+    model = build_model("flexible_cnn", CLASSES, {"image_size": size, **CONFIG}).to(
+        device, memory_format=torch.channels_last
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    args = (optimizer, torch.nn.CrossEntropyLoss(), device, "epoch", None, 0.0, "bf16", True, None)
+    mix, ema = None, None
+    if recipe2:
+        mix = batch_mixer(_Recipe2(), CLASSES)
+        ema = WeightAverage(model, 0.999).to(device, torch.channels_last)
+    args = (optimizer, torch.nn.CrossEntropyLoss(), device, "epoch", None, 0.0, "bf16", True, None, mix, ema)
     train_one_epoch(model, train, *args)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    train_one_epoch(model, train, *args)
+    loss, _, _ = train_one_epoch(model, train, *args)
     torch.cuda.synchronize()
+    assert np.isfinite(loss), loss
+    if ema is not None:
+        assert {p.device.type for p in ema.model.parameters()} == {"cuda"}
     return len(train.dataset) / (time.perf_counter() - start)
+
+
+class _Recipe2:
+    """The mixing keys of a recipe: MixUp 0.2 and CutMix 1.0, half the batches each."""
+
+    mixup, cutmix, mix_switch_prob = 0.2, 1.0, 0.5
 
 
 def check_evaluation(folder: Path, size: int, device: torch.device) -> str:
@@ -147,8 +171,9 @@ def check_resume(folder: Path, size: int, device: torch.device) -> str:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         model.to(device)
-        run = ResumeRun.begin(state, fingerprint, model, optimizer, scheduler, None, generator)
-        epochs = fit(model, optimizer, train, val, 2, device, start_epoch=run.start_epoch, scheduler=scheduler)
+        ema = WeightAverage(model, 0.9).to(device)
+        run = ResumeRun.begin(state, fingerprint, model, optimizer, scheduler, None, generator, ema)
+        epochs = fit(model, optimizer, train, val, 2, device, start_epoch=run.start_epoch, scheduler=scheduler, ema=ema)
         return model, optimizer, run, run.continued(epochs)
 
     state.unlink(missing_ok=True)
@@ -158,6 +183,7 @@ def check_resume(folder: Path, size: int, device: torch.device) -> str:
     progress.update(first)
     run.save(model, model.state_dict(), progress, [first], 0.0)
     second = next(history)
+    first_ema = run.ema
 
     resumed, optimizer, run, history = start()
     devices = {s["exp_avg"].device.type for s in optimizer.state.values()}
@@ -165,10 +191,14 @@ def check_resume(folder: Path, size: int, device: torch.device) -> str:
     same = all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True)
     )
+    averaged = (first_ema.state_dict(), run.ema.state_dict())
+    same_ema = all(torch.equal(a, b) for a, b in zip(*(d.values() for d in averaged), strict=True))
     assert run.start_epoch == 1 and devices == {device.type}, (run.start_epoch, devices)
     return (
         f"resume on the GPU: optimizer state on {sorted(devices)}; epoch 2 train loss {second.train_loss:.6f} "
-        f"uninterrupted, {again.train_loss:.6f} resumed; weights {'identical' if same else 'DIFFERENT'}"
+        f"uninterrupted, {again.train_loss:.6f} resumed; weights {'identical' if same else 'DIFFERENT'}, "
+        f"EMA weights {'identical' if same_ema else 'DIFFERENT'}; val accuracy (of the EMA) {second.val_accuracy:.4f} "
+        f"and {again.val_accuracy:.4f}"
     )
 
 
@@ -256,8 +286,11 @@ def main() -> None:
         for name, rate in rates.items():
             print(f"{name:<32} {rate:10,.0f} {rate / rates['fp32']:7.2f}x")
         rate = loader_rate(folder, args.size, args.batch, device)
+        strong = loader_rate(folder, args.size, args.batch, device, recipe2=True)
         print(
             f"\nwhole epochs through the loader (4 workers), {args.size} px, bf16 + channels_last: {rate:,.0f} images/s"
+            f"\nthe same with TrivialAugmentWide + random erasing in the loader, MixUp/CutMix + EMA in the loop: "
+            f"{strong:,.0f} images/s ({strong / rate:.2f}x)"
         )
         print()
         for check in (check_evaluation, check_resume):
