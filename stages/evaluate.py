@@ -1,5 +1,6 @@
-"""Stage evaluate@<model>: score a checkpoint on the held-out test set; metrics, per-image predictions, per-class
-table, confusion matrix, calibration, and the images under reports/<model>/."""
+"""Stage evaluate@<model>: score a checkpoint on the held-out test set (with test-time augmentation and the
+checkpoint's temperature as evaluate.tta and evaluate.calibrate say); metrics, per-image predictions, per-class
+table, confusion matrix, calibration before and after the temperature, and the images under reports/<model>/."""
 
 import sys
 
@@ -28,11 +29,17 @@ def run(p: Params, name: str) -> None:
         device,
         p.evaluate.precision,
         loader_workers(),  # the metrics do not depend on it: no param for it
+        tta=p.evaluate.tta,
+        calibrate=p.evaluate.calibrate,
     )
     out = paths.eval_metrics_dir(name)
     with Live(str(out), dvcyaml=False, save_dvc_exp=False) as live:
+        # test.ece and test.loss: of the probabilities reported (at the temperature when calibrated); the
+        # *_uncalibrated ones: of the plain softmax, so the metrics show what the temperature does.
+        scores = ("loss", "accuracy", "macro_f1", "ece", "ece_uncalibrated", "loss_uncalibrated")
         live.summary = {
-            "test": {"loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"]},
+            "test": {k: m[k] for k in scores},
+            "temperature": m["temperature"],
             "infer_images_per_second": round(m["infer_images_per_second"], 1),
         }
         names = [classes[i] for i in pred.targets], [classes[i] for i in pred.predicted]
@@ -44,7 +51,8 @@ def run(p: Params, name: str) -> None:
     write_model_report(paths.report_dir(name), name, m, images, pred.targets, pred.predicted, pred.confidence, classes)
     print(
         f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
-        f"ECE {m['ece']:.4f}; images in {paths.report_dir(name)}/"
+        f"ECE {m['ece']:.4f} (uncalibrated {m['ece_uncalibrated']:.4f}, temperature {m['temperature']:.3f}"
+        f"{'' if p.evaluate.calibrate else ', not applied'}); images in {paths.report_dir(name)}/"
     )
 
 

@@ -136,6 +136,10 @@ def test_two_gloo_processes_train_like_one_and_resume_like_themselves(project: P
         for metric in ("loss", "accuracy"):
             assert two_metrics[key][metric] == pytest.approx(one_metrics[key][metric], abs=1e-5), (key, metric)
     assert one_metrics["train"]["loss"] > 0 and two_metrics["best"]["epoch"] == one_metrics["best"]["epoch"]
+    # The temperature: fitted on the val logits of both ranks together, as on the one process's, and stored once.
+    one_fit, two_fit = one_metrics["calibration"], two_metrics["calibration"]
+    assert two_fit == pytest.approx(one_fit, rel=1e-4) and two_fit["temperature"] != 1.0
+    assert load_checkpoint(two / "models/flexible.pt")[1]["temperature"] == two_fit["temperature"]
     for name, weight in one_weights.items():
         torch.testing.assert_close(two_weights[name], weight, atol=1e-5, rtol=1e-4)
 

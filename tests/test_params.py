@@ -93,6 +93,10 @@ def test_shipped_params_load_with_the_documented_keys():
         ("train.compile", "yes", "train.compile must be true or false, got 'yes'"),
         ("resnet.compile", 1, "resnet.compile must be true or false, got 1"),
         ("evaluate.precision", "half", "evaluate.precision must be one of auto, fp32, bf16, fp16"),
+        ("evaluate.tta", "vflip", "evaluate.tta must be one of none, hflip, got 'vflip'"),
+        ("evaluate.tta", False, "evaluate.tta must be a string, got False"),
+        ("evaluate.calibrate", "maybe", "evaluate.calibrate must be true or false, got 'maybe'"),
+        ("evaluate.calibrate", 1, "evaluate.calibrate must be true or false, got 1"),
         ("train.weight_decay", -0.01, "train.weight_decay must be a number >= 0"),
         ("resnet.arch", "resnet51", "resnet.arch must be one of resnet18, resnet34, resnet50"),
         ("resnet.strategy", "unfrozen", "resnet.strategy must be one of head, partial, full, staged"),
@@ -194,6 +198,25 @@ def test_bad_residual_value_stops_training_in_one_line(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: params.yaml: model.residual must be true or false, got 2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("line", "bad", "message"),
+    [
+        ("tta: none", "tta: vflip", "evaluate.tta must be one of none, hflip, got 'vflip'"),
+        ("calibrate: true", "calibrate: maybe", "evaluate.calibrate must be true or false, got 'maybe'"),
+    ],
+)
+def test_evaluate_reports_a_bad_tta_or_calibrate_in_one_line(tmp_path: Path, line: str, bad: str, message: str):
+    text = (ROOT / "params.yaml").read_text()
+    assert line in text
+    (tmp_path / "params.yaml").write_text(text.replace(line, bad, 1))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "flexible"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: params.yaml: {message}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
 def test_stage_without_data_says_how_to_get_it(tmp_path: Path):

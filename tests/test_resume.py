@@ -287,6 +287,8 @@ def assert_same_run(root: Path, reference: Path, model: str, epochs: int) -> Non
     assert steps == list(range(1, epochs + 1))
     state, ref_state = ckpt.pop("state_dict"), ref_ckpt.pop("state_dict")
     assert ckpt == ref_ckpt
+    # The temperature is fitted once the run ends, on the best weights: the resumed run fitted and stored it too.
+    assert ckpt["temperature"] == metrics["calibration"]["temperature"] != 1.0
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
 
 

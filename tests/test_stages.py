@@ -70,6 +70,28 @@ def test_compare_agrees_with_the_evaluations_and_their_predictions(pipeline: Pip
     assert compare["params_trainable"] == trained["params_trainable"] and trained["processes"] == 1
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_evaluate_applies_the_temperature_training_stored(pipeline: Pipeline, model: str, capsys):
+    """Each training stage fits a temperature on val and stores it in its checkpoint; evaluate reports the test
+    ECE with it (calibrate: true by default) and without it, and `predict --no-calibrate` gives the plain softmax."""
+    fitted = read_json(pipeline.root, f"metrics/train_{model}/metrics.json")["calibration"]
+    _, meta = load_checkpoint(pipeline.root / f"models/{model}.pt")
+    evaluated = read_json(pipeline.root, f"metrics/evaluate/{model}/metrics.json")
+    assert meta["temperature"] == fitted["temperature"] == evaluated["temperature"] != 1.0
+    assert set(fitted) == {"temperature", "val_ece", "val_ece_uncalibrated", "val_loss", "val_loss_uncalibrated"}
+    assert fitted["val_loss"] <= fitted["val_loss_uncalibrated"]  # T minimises it, and T = 1 was a candidate
+    test = evaluated["test"]
+    assert {"ece", "ece_uncalibrated", "loss", "loss_uncalibrated"} <= set(test)
+    out = pipeline.root / f"plain_{model}.csv"
+    with inside(pipeline.root):
+        main(["predict", "--model", f"models/{model}.pt", "data/val", "--no-calibrate", "--csv", str(out)])
+    capsys.readouterr()
+    plain = pd.read_csv(out).set_index("path")["probability_1"]
+    calibrated = pd.read_csv(pipeline.root / f"metrics/evaluate/{model}/predictions.csv").set_index("path")
+    changed = (plain[calibrated.index] - calibrated["probability"]).abs().max()
+    assert changed > 1e-3, "the plain probabilities are the calibrated ones"
+
+
 def test_resnet_trained_on_cached_features_of_the_given_weights(pipeline: Pipeline):
     trained = read_json(pipeline.root, "metrics/train_resnet/metrics.json")
     assert {k: trained[k] for k in ("arch", "strategy", "backbone_features", "pretrained", "params_trainable")} == {

@@ -1,4 +1,5 @@
-"""Checkpoints that carry everything needed to rebuild and use their model: architecture, classes, normalisation."""
+"""Checkpoints that carry everything needed to rebuild and use their model: architecture, classes, normalisation,
+and the temperature that calibrates its probabilities."""
 
 from __future__ import annotations
 
@@ -33,9 +34,15 @@ class ModelSpec:
 
 
 def save_checkpoint(
-    path: Path, spec: ModelSpec, state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
+    path: Path,
+    spec: ModelSpec,
+    state_dict: dict[str, torch.Tensor],
+    extra: dict[str, Any] | None = None,
+    temperature: float = 1.0,
 ) -> None:
-    """Write atomically (temp file, fsync, rename), so an interrupted run never leaves a truncated checkpoint."""
+    """Write atomically (temp file, fsync, rename), so an interrupted run never leaves a truncated checkpoint.
+    `temperature`: the T that calibrates the model's probabilities, softmax(logits / T), fitted on the validation
+    subset at the end of training (1.0: none, or not fitted yet)."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model_name": spec.name,
@@ -44,6 +51,7 @@ def save_checkpoint(
         "image_size": spec.image_size,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "extra": extra or {},
+        "temperature": float(temperature),
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
     torchfile.save(payload, path)
@@ -55,6 +63,12 @@ def spec_of(meta: dict[str, Any]) -> ModelSpec:
     return ModelSpec(
         meta["model_name"], meta["model_config"], meta["classes"], meta["image_size"], norm["mean"], norm["std"]
     )
+
+
+def temperature_of(meta: dict[str, Any]) -> float:
+    """The calibrating temperature a checkpoint's metadata records; 1.0 (no change) for a checkpoint written before
+    temperatures were stored."""
+    return float(meta.get("temperature", 1.0))
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

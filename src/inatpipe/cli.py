@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 from inatpipe.errors import UserError, exit_on_user_error
@@ -54,7 +55,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model, meta, device = _load(args.model, args.device)
     files = collect_images(args.inputs)
-    predictions = predict_files(model, meta, files, args.top_k, args.batch_size, device, args.precision)
+    predictions = predict_files(
+        model,
+        meta,
+        files,
+        args.top_k,
+        args.batch_size,
+        device,
+        args.precision,
+        tta=args.tta,
+        calibrate=args.calibrate,
+    )
     for pred in predictions:
         print(format_prediction(pred))
     skipped = len(files) - len(predictions)
@@ -216,6 +227,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from inatpipe.data.fetch import INATURALIST_URL
+    from inatpipe.params.evaluate import Tta
 
     p = argparse.ArgumentParser(prog="inatpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,6 +264,19 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="autocast of the forward pass, as evaluate.precision (default: auto)",
+    )
+    predict.add_argument(
+        "--tta",
+        default="none",
+        choices=typing.get_args(Tta),
+        help="test-time augmentation, as evaluate.tta: hflip averages each image's and its mirror's probabilities "
+        "(default: none)",
+    )
+    predict.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="plain softmax probabilities, without the temperature stored in the checkpoint",
     )
     predict.set_defaults(func=cmd_predict)
 

@@ -1,4 +1,5 @@
-"""Test-set evaluation: predictions, forward-pass timing, classification metrics from scikit-learn, calibration."""
+"""Test-set evaluation: predictions (with test-time augmentation and the checkpoint's temperature), forward-pass
+timing, classification metrics from scikit-learn, calibration before and after the temperature."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from inatpipe.checkpoint import load_checkpoint
+from inatpipe.checkpoint import load_checkpoint, temperature_of
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.prepared import PreparedDataset, read_meta
 from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
+from inatpipe.evaluation.tta import view_logits
+from inatpipe.training.calibration import calibrated_logits, expected_calibration_error, reliability_bins
 from inatpipe.training.precision import autocast
 
 
 @dataclass(frozen=True)
 class Predictions:
     targets: np.ndarray  # (n,) class indices
-    logits: torch.Tensor  # (n, num_classes), float64
+    # (n, num_classes), float64: scores whose softmax is the reported probabilities: the model's logits, divided by
+    # the temperature when calibrated, and with test-time augmentation the log of the views' mean probabilities
+    logits: torch.Tensor
     forward_seconds: float  # model time only: no decoding, no transfer of results
 
     @property
@@ -38,39 +43,6 @@ class Predictions:
         return self.logits.softmax(1).max(1).values.numpy()
 
 
-# Equal-width confidence bins, the usual choice since Guo et al. (2017); with few test images many bins stay empty,
-# and empty bins weigh nothing in the error.
-CALIBRATION_BINS = 15
-
-
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray, num_bins: int = CALIBRATION_BINS) -> list[dict]:
-    """Per equal-width bin (lower, upper]: how many predictions fell in it, their accuracy and mean confidence."""
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
-    # Bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of exactly 0 joins the first bin.
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
-    bins = []
-    for i in range(num_bins):
-        members = which == i
-        count = int(members.sum())
-        bins.append(
-            {
-                "lower": float(edges[i]),
-                "upper": float(edges[i + 1]),
-                "count": count,
-                "accuracy": float(correct[members].mean()) if count else 0.0,
-                "confidence": float(confidence[members].mean()) if count else 0.0,
-            }
-        )
-    return bins
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_bins: int = CALIBRATION_BINS) -> float:
-    """Sum over bins of (share of predictions in the bin) x |accuracy - mean confidence| in the bin."""
-    total = len(confidence)
-    bins = reliability_bins(confidence, correct, num_bins)
-    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins)) if total else 0.0
-
-
 def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so the timer measures computation rather than kernel launches."""
     if device.type == "cuda":
@@ -79,25 +51,41 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+@dataclass(frozen=True)
+class ViewLogits:
+    """A model's raw logits on the test images, one tensor per test-time view, before any temperature."""
+
+    targets: np.ndarray  # (n,) class indices
+    views: list[torch.Tensor]  # each (n, num_classes), float64
+    forward_seconds: float
+
+    def predictions(self, temperature: float = 1.0) -> Predictions:
+        """The probabilities of softmax(logits / temperature), averaged over the views."""
+        return Predictions(self.targets, calibrated_logits(self.views, temperature), self.forward_seconds)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> Predictions:
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32", tta: str = "none"
+) -> ViewLogits:
     model.eval()
     targets, outputs, seconds, warmed_up = [], [], 0.0, False
     for x, y in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
         x = x.to(device, non_blocking=True)
         if not warmed_up:  # the first call pays one-off kernel set-up; keep it out of the throughput figure
             with autocast(device, precision):
-                model(x)
+                view_logits(model, x, tta)
             warmed_up = True
         _sync(device)
         start = time.perf_counter()
         with autocast(device, precision):
-            logits = model(x)
+            views = view_logits(model, x, tta)
         _sync(device)
         seconds += time.perf_counter() - start
-        outputs.append(logits.detach().double().cpu())
+        outputs.append([v.detach().double().cpu() for v in views])
         targets.append(y)
-    return Predictions(torch.cat(targets).numpy(), torch.cat(outputs), seconds)
+    views = [torch.cat(view) for view in zip(*outputs, strict=True)]
+    return ViewLogits(torch.cat(targets).numpy(), views, seconds)
 
 
 def _averages(y: np.ndarray, y_hat: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
@@ -116,6 +104,11 @@ def _averages(y: np.ndarray, y_hat: np.ndarray, labels: np.ndarray) -> dict[str,
     return out
 
 
+def _loss(pred: Predictions) -> float:
+    """Mean negative log-likelihood of the targets under the reported probabilities."""
+    return torch.nn.functional.cross_entropy(pred.logits, torch.from_numpy(pred.targets)).item()
+
+
 def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
     """Loss, accuracy, macro-F1, ECE, per-class precision/recall/F1/support with their macro and weighted averages,
     the reliability bins, and the confusion matrix as nested lists."""
@@ -124,7 +117,7 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
     precision, recall, f1, support = precision_recall_fscore_support(y, y_hat, labels=labels, zero_division=0)
     confidence, correct = pred.confidence, y_hat == y
     return {
-        "loss": torch.nn.functional.cross_entropy(pred.logits, torch.from_numpy(y)).item(),
+        "loss": _loss(pred),
         "accuracy": float(accuracy_score(y, y_hat)),
         # Averaged over the classes that occur in the targets or predictions, as scikit-learn does by default:
         # a class with no test images would otherwise count as F1 = 0.
@@ -152,9 +145,14 @@ def evaluate_checkpoint(
     device: torch.device,
     precision: str = "fp32",
     num_workers: int = 0,
+    *,
+    tta: str = "none",
+    calibrate: bool = True,
 ) -> tuple[dict, Predictions, list[str]]:
     """Rebuild a model from its checkpoint (classes, size and normalisation travel inside) and score it on the test
-    subset of the prepared images in `prepared`."""
+    subset of the prepared images in `prepared`: on each image and, with `tta`, its views; with `calibrate`, at the
+    checkpoint's temperature. The metrics and predictions are of those probabilities; `ece_uncalibrated` and
+    `loss_uncalibrated` give the same views without the temperature, and `temperature` the checkpoint's."""
     model, meta = load_checkpoint(checkpoint, device)
     classes = meta["classes"]
     size, norm = meta["image_size"], meta["normalization"]
@@ -162,8 +160,14 @@ def evaluate_checkpoint(
         raise UserError(f"{checkpoint} was trained on other classes than {prepared} holds; rerun `dvc repro`")
     dataset = PreparedDataset(prepared, "test", BatchResize(size))
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
-    pred = predict(model, NormalizedLoader(loader, norm["mean"], norm["std"], device), device, precision)
+    views = predict(model, NormalizedLoader(loader, norm["mean"], norm["std"], device), device, precision, tta)
+    temperature = temperature_of(meta)
+    pred = views.predictions(temperature if calibrate else 1.0)
     metrics = classification_metrics(pred, classes)
+    plain = views.predictions(1.0)
+    metrics["ece_uncalibrated"] = expected_calibration_error(plain.confidence, plain.predicted == plain.targets)
+    metrics["loss_uncalibrated"] = _loss(plain)
+    metrics["temperature"] = temperature
     metrics["infer_images_per_second"] = len(dataset) / max(pred.forward_seconds, 1e-9)
     return metrics, pred, classes
 

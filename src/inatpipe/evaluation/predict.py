@@ -1,7 +1,9 @@
 """Top-k predictions for image files and folders, from a checkpoint alone (classes and normalisation travel inside).
 
 Each file is read as the pipeline reads it (`prepare_image`: one decoder, the prepared square) and resized and
-normalised as the evaluate stage's loader does, so an image of the test set gets the prediction evaluate gave it.
+normalised as the evaluate stage's loader does, and its probabilities calibrated with the checkpoint's temperature
+(and averaged over test-time views) as evaluate calibrates them, so an image of the test set gets the prediction
+evaluate gave it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open
+from inatpipe.checkpoint import temperature_of
 from inatpipe.data.dataset import channel_tensor, normalize
 from inatpipe.data.prepared import prepare_image
 from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
+from inatpipe.evaluation.tta import view_logits
+from inatpipe.training.calibration import calibrated_logits
 from inatpipe.training.precision import autocast
 
 
@@ -96,23 +101,29 @@ def predict_files(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    *,
+    tta: str = "none",
+    calibrate: bool = True,
 ) -> list[Prediction]:
     """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning. `precision`
-    autocasts the forward pass as `evaluate.precision` does (auto: bf16 where the device computes it natively)."""
+    autocasts the forward pass as `evaluate.precision` does (auto: bf16 where the device computes it natively);
+    `tta` and `calibrate` are evaluate.tta and evaluate.calibrate: the probabilities averaged over the image and its
+    mirror, at the checkpoint's temperature."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     classes = meta["classes"]
     k = min(top_k, len(classes))
+    temperature = temperature_of(meta) if calibrate else 1.0
     device = torch.device(device)
     model.eval()
     out = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False)
     for paths, images in _batches(files, meta["image_size"], batch_size):
         with autocast(device, precision):
-            logits = model(model_input(images, meta, device))
-        probs = logits.double().softmax(1).cpu()
+            views = view_logits(model, model_input(images, meta, device), tta)
+        probs = calibrated_logits([v.double() for v in views], temperature).softmax(1).cpu()
         values, indices = probs.topk(k, dim=1)
         for path, p, i in zip(paths, values.tolist(), indices.tolist(), strict=True):
             out.append(Prediction(path, [(classes[c], prob) for c, prob in zip(i, p, strict=True)]))

@@ -7,6 +7,8 @@ from inatpipe.params.schema import Section, at_least
 
 # auto: bf16 where the device computes it natively, else fp32
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Test-time augmentation: none, or the mean of the probabilities of each image and its horizontal mirror
+Tta = Literal["none", "hflip"]
 
 
 @dataclass(frozen=True)
@@ -15,3 +17,5 @@ class EvaluateParams(Section):
 
     batch_size: Annotated[int, at_least(1)]
     precision: Precision
+    tta: Tta
+    calibrate: bool  # apply the temperature stored in the checkpoint (fitted on val at the end of training)

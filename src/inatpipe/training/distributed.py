@@ -72,6 +72,16 @@ def all_reduce_sums(*values: float, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank's `t` (on the CPU), rank 0's first, on every rank; `t` itself in a single process.
+    Shards may differ in length (an evaluation shard of N images over R ranks), so they travel as objects."""
+    if not active():
+        return t
+    parts: list[torch.Tensor | None] = [None] * world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
 def agree(flag: bool) -> bool:
     """Rank 0's decision, on every rank (a stop on a wall-time budget could otherwise differ between ranks)."""
     if not active():

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.errors import UserError
-from inatpipe.training.distributed import all_reduce_sums, set_epoch
+from inatpipe.training.distributed import all_reduce_sums, gather_rows, set_epoch
 from inatpipe.training.ema import WeightAverage
 from inatpipe.training.mixing import Mixer
 from inatpipe.training.precision import autocast, grad_scaler, memory_format, to_device
@@ -136,6 +136,26 @@ def evaluate(
         seen += len(y)
     loss_sum, correct, seen = all_reduce_sums(loss_sum, correct, seen, device=device)
     return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def logits_on(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits in float64, targets) of `model` in eval mode over `loader`, on the CPU; under torchrun, every rank's
+    share gathered on every rank."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc="logits", unit="batch", disable=None, leave=False):
+        with autocast(device, precision):
+            out = model(to_device(x, device, channels_last))
+        logits.append(out.double().cpu())
+        targets.append(y.cpu())
+    return gather_rows(torch.cat(logits)), gather_rows(torch.cat(targets))
 
 
 def fit(

@@ -3,11 +3,14 @@ checkpoint, early stopping, a wall-time budget and resume states.
 
 `train_with_recipe` builds the recipe around a model and runs the dvclive-free loop of loop.py through
 `train_tracked`, which transfer learning shares (its own optimizer and loop phases). Two small values say what a run
-is about: a ModelSpec (what the model is) and RunOutputs (where the run writes).
+is about: a ModelSpec (what the model is) and RunOutputs (where the run writes). When the run ends, a temperature
+that calibrates the best weights' probabilities is fitted on the validation subset (Calibration) and stored in the
+checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,8 +33,9 @@ from inatpipe.data.transforms import BatchResize, training_transform
 from inatpipe.models import count_parameters
 from inatpipe.params import DataParams, RecipeParams
 from inatpipe.training import distributed
+from inatpipe.training.calibration import TemperatureFit
 from inatpipe.training.ema import WeightAverage, weight_average
-from inatpipe.training.loop import EpochMetrics, fit
+from inatpipe.training.loop import EpochMetrics, fit, logits_on
 from inatpipe.training.mixing import Mixer, batch_mixer
 from inatpipe.training.precision import grad_scaler, resolve_precision
 from inatpipe.training.recipe import Progress, build_optimizer, build_scheduler, training_loss
@@ -104,6 +108,19 @@ def training_data(data: DataParams, batch_size: int, generator: torch.Generator,
     )
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the temperature is fitted on once training ends: `module` maps the batches of `val`, the loader the run
+    validates on, to logits (the model itself, or its head on stored backbone features), on `device` in the run's
+    precision and memory layout."""
+
+    module: nn.Module
+    val: Iterable
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+
+
 # A run's epochs from `start_epoch` + 1 to its last: the loop a resumed run continues (fit, or fit in phases).
 History = Callable[[int], Iterator[EpochMetrics]]
 # One more reader of each finished epoch besides early stopping and the budget (a sweep's pruner): returns a reason
@@ -168,8 +185,19 @@ def train_with_recipe(
         net = distributed.wrap(model, device, recipe.channels_last)
         return fit_recipe(net, recipe, steps, data.train, data.val, device, start_epoch=start_epoch)
 
+    calibration = Calibration(model, data.val, device, recipe.precision, recipe.channels_last)
     return train_tracked(
-        model, spec, recipe, steps, history, data.train.generator, device, outputs, summary, judges=judges
+        model,
+        spec,
+        recipe,
+        steps,
+        history,
+        data.train.generator,
+        device,
+        outputs,
+        summary,
+        judges=judges,
+        calibration=calibration,
     )
 
 
@@ -219,10 +247,11 @@ def train_tracked(
     summary: dict[str, Any] | None = None,
     *,
     judges: Sequence[Judge] = (),
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Run `history` from the first epoch, or, when `outputs` has a matching resume state, from the epoch after its
-    own (its model, `steps` and RNGs restored, `generator` the training loader's), and track it; returns the
-    summary."""
+    own (its model, `steps` and RNGs restored, `generator` the training loader's), and track it, calibrating the
+    best weights on `calibration` at the end; returns the summary."""
     for line in recipe.adjustments():
         tqdm.write(line)
     run = _resume_run(outputs.resume, model, steps, generator, device)
@@ -231,8 +260,21 @@ def train_tracked(
     ran = {"precision": resolve_precision(device, recipe.precision), "processes": distributed.world_size()}
     summary = {**ran, **(summary or {})}
     start = run.start_epoch if run else 0
-    kept = steps.kept(model)  # the weights validated and saved
-    return track(model, history(start), spec, outputs, progress, resume=run, summary=summary, judges=judges, kept=kept)
+    kept = steps.kept  # the weights validated, saved and calibrated: the average with `ema`
+    if calibration is not None:
+        calibration = dataclasses.replace(calibration, module=kept(calibration.module))
+    return track(
+        model,
+        history(start),
+        spec,
+        outputs,
+        progress,
+        resume=run,
+        summary=summary,
+        judges=judges,
+        calibration=calibration,
+        kept=kept(model),
+    )
 
 
 def _resume_run(
@@ -265,16 +307,20 @@ def track(
     resume: ResumeRun | None = None,
     summary: dict[str, Any] | None = None,
     judges: Sequence[Judge] = (),
+    calibration: Calibration | None = None,
     kept: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Consume `history` epoch by epoch: log to dvclive (step = epoch), keep the best-on-val checkpoint, and stop
-    when `progress` says so (early stopping, wall-time budget) or one of `judges` does (a sweep's pruner). With
-    `resume`, save a resume state after every epoch, and continue the run it started from. `kept`: the weights
-    validated and checkpointed, when not `model`'s own (its weight average). Returns the run's summary metrics.
-    Under torchrun only rank 0 writes and prints; the others follow its decision to stop."""
+    when `progress` says so (early stopping, wall-time budget) or one of `judges` does (a sweep's pruner). Then,
+    with `calibration`, fit the temperature of the best weights and store it in the checkpoint. With `resume`, save
+    a resume state after every epoch, and continue the run it started from; the state is removed only once the
+    calibrated checkpoint is written. `kept`: the weights validated and checkpointed, when not `model`'s own (its
+    weight average). Returns the run's summary metrics. Under torchrun only rank 0 writes and prints; the others
+    follow its decision to stop, and lend their share of the validation logits."""
     run = _Tracker(model, spec, outputs, progress, resume, judges, kept)
     if not distributed.is_main():
         run.follow(history)
+        run.calibrate(calibration)
         return {}
     with Live(str(outputs.live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         run.replay(live)
@@ -285,6 +331,7 @@ def track(
                 break
             run.save_state()  # last, so the RNG states it saves are those the next epoch starts from
         live.summary.update(run.summary(summary))
+        live.summary.update(run.calibrate(calibration))
         live.make_summary()
     run.finish()
     return dict(live.summary)
@@ -307,6 +354,7 @@ class _Tracker:
         self.kept = model if kept is None else kept
         self.total, self.trainable = count_parameters(model)
         self.progress, self.logged, self.best_model, elapsed_before = progress, [], {}, 0.0
+        self.temperature = 1.0  # until `calibrate` fits one
         if resume and resume.start:
             start = resume.start
             self.progress, self.logged, self.best_model = start.progress, list(start.history), start.best_model
@@ -323,7 +371,8 @@ class _Tracker:
     def follow(self, history: Iterable[EpochMetrics]) -> None:
         """A rank other than 0: train, and stop when rank 0 does."""
         for m in self.continued(history):
-            self.progress.update(m, self.elapsed())
+            if self.progress.update(m, self.elapsed()):  # the same on every rank: val metrics are reduced over all
+                self.keep_best()
             if distributed.agree(self.progress.should_stop):
                 break
 
@@ -350,13 +399,17 @@ class _Tracker:
                 self.progress.stop_reason = reason
         if improved:
             self.save_best()
-            if self.resume:
-                self.best_model = {k: v.detach().cpu().clone() for k, v in self.kept.state_dict().items()}
+            self.keep_best()
         tqdm.write(
             f"epoch {m.epoch}/{self.progress.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}  "
             f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
             f"{'  *best' if improved else ''}"
         )
+
+    def keep_best(self) -> None:
+        """A copy of the weights as they are now, the best so far: a resume state saves them, and the temperature
+        is fitted on them once the run ends."""
+        self.best_model = {k: v.detach().cpu().clone() for k, v in self.kept.state_dict().items()}
 
     def save_best(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         extra = {
@@ -364,7 +417,29 @@ class _Tracker:
             "val_accuracy": self.progress.best_val_accuracy,
             "params_trainable": self.trainable,
         }
-        save_checkpoint(self.outputs.checkpoint, self.spec, weights or self.kept.state_dict(), extra)
+        weights = weights or self.kept.state_dict()
+        save_checkpoint(self.outputs.checkpoint, self.spec, weights, extra, temperature=self.temperature)
+
+    def calibrate(self, calibration: Calibration | None) -> dict[str, Any]:
+        """Fit the temperature on the best weights' validation logits and rewrite the best checkpoint with it;
+        returns the fit for the summary (rank 0: the others only lend their logits, and get {})."""
+        if calibration is None or not self.best_model:
+            return {}
+        last = {k: v.detach().clone() for k, v in self.kept.state_dict().items()}
+        self.kept.load_state_dict(self.best_model)
+        c = calibration
+        logits, targets = logits_on(c.module, c.val, c.device, c.precision, c.channels_last)
+        self.kept.load_state_dict(last)  # the caller keeps the model as training left it
+        if not distributed.is_main():
+            return {}
+        fit = TemperatureFit.of(logits, targets)
+        self.temperature = fit.temperature
+        self.save_best(self.best_model)
+        tqdm.write(
+            f"temperature {fit.temperature:.3f} fitted on {len(targets)} val images: ECE {fit.ece_uncalibrated:.4f} "
+            f"-> {fit.ece:.4f}, loss {fit.loss_uncalibrated:.4f} -> {fit.loss:.4f}"
+        )
+        return {"calibration": fit.summary("val")}
 
     def save_state(self) -> None:
         if self.resume:

@@ -25,7 +25,14 @@ from inatpipe.params import ResnetParams
 from inatpipe.training.features import BackboneFeatures
 from inatpipe.training.loop import EpochMetrics
 from inatpipe.training.recipe import build_optimizer, build_scheduler, parameter_groups
-from inatpipe.training.tracking import Optimization, RunOutputs, TrainingData, fit_recipe, train_tracked
+from inatpipe.training.tracking import (
+    Calibration,
+    Optimization,
+    RunOutputs,
+    TrainingData,
+    fit_recipe,
+    train_tracked,
+)
 
 
 def stage_rates(recipe: ResnetParams, trainable_stages: int) -> dict[str, float]:
@@ -149,8 +156,10 @@ def train_transfer(
     if features is not None:
         train, val = feature_loaders(features, recipe.batch_size, data.train.generator, device)
         phases = head_history
+        calibration = Calibration(model.head, val, device, recipe.precision)  # features are vectors: no NHWC
     else:
         train, val, phases = data.train, data.val, finetune_history
+        calibration = Calibration(model, val, device, recipe.precision, recipe.channels_last)
         rates = stage_rates(recipe, recipe.trainable_stages)
         tqdm.write("learning rates: " + ", ".join(f"{stage} {lr:.2e}" for stage, lr in rates.items()))
     steps = finetuning_steps(model, recipe, len(train), device)
@@ -171,7 +180,9 @@ def train_transfer(
         "unfrozen": ", ".join(STAGES[len(STAGES) - recipe.trainable_stages :][::-1]) or "none",
         **(summary or {}),
     }
-    return train_tracked(model, spec, recipe, steps, history, train.generator, device, outputs, summary)
+    return train_tracked(
+        model, spec, recipe, steps, history, train.generator, device, outputs, summary, calibration=calibration
+    )
 
 
 def _counts(model: TransferResNet, trainable_stages: int) -> tuple[int, int]:
