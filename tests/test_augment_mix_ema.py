@@ -15,8 +15,9 @@ from inatpipe.checkpoint import load_checkpoint
 from inatpipe.data.transforms import BatchAugment, BatchErase, BatchPolicy, BatchResize, Chain, training_transform
 from inatpipe.models import build_model
 from inatpipe.params import DataParams
+from inatpipe.training.calibration import TemperatureFit
 from inatpipe.training.ema import WeightAverage
-from inatpipe.training.loop import evaluate
+from inatpipe.training.loop import evaluate, logits_on
 from inatpipe.training.mixing import batch_mixer
 from inatpipe.training.tracking import RunOutputs, train_with_recipe
 
@@ -146,9 +147,12 @@ def test_with_ema_the_run_validates_and_checkpoints_the_averaged_weights(tmp_pat
     spec = data.spec("flexible_cnn", CONFIG)
     r = recipe(epochs=3, warmup_epochs=0.0, ema=0.9, mixup=0.2, cutmix=1.0)
     summary = train_with_recipe(model, spec, data, r, torch.device("cpu"), RunOutputs(tmp_path, tmp_path / "m.pt"))
-    saved, _ = load_checkpoint(tmp_path / "m.pt")
+    saved, meta = load_checkpoint(tmp_path / "m.pt")
     raw = model.state_dict()
     assert any(not torch.equal(raw[k], v) for k, v in saved.state_dict().items() if v.is_floating_point())
     # The best epoch's validation accuracy is the averaged model's: evaluating the checkpoint gives it again.
     loss, accuracy = evaluate(saved, data.val, nn.CrossEntropyLoss(), torch.device("cpu"))
     assert accuracy == summary["best"]["val_accuracy"] and math.isclose(loss, summary["best"]["val_loss"], rel_tol=1e-5)
+    # ... and the temperature is fitted on the averaged weights the checkpoint holds.
+    logits, targets = logits_on(saved, data.val, torch.device("cpu"))
+    assert math.isclose(meta["temperature"], TemperatureFit.of(logits, targets).temperature, rel_tol=1e-6)
