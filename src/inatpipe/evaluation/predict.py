@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open
 from inatpipe.data.dataset import channel_tensor, normalize
+from inatpipe.data.images import DECODE_ERRORS
 from inatpipe.data.prepared import prepare_image
 from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
@@ -58,7 +59,7 @@ def read_image(path: Path, image_size: int) -> np.ndarray | None:
     """The file as `prepare` would store it, or None (after a warning on stderr) when it is not a readable image."""
     try:
         return prepare_image(path, image_size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # any decoder failure
+    except DECODE_ERRORS as e:
         print(f"warning: skipping {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 
@@ -70,6 +71,13 @@ def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device |
     x = BatchResize(meta["image_size"])(x).to(device)
     norm = meta["normalization"]
     return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
+
+
+def class_probabilities(logits: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Softmax of a model's logits in float64: the one place a checkpoint's logits become probabilities, for
+    `predict`, `explain` and `serve` alike. A post-hoc temperature in the checkpoint (temperature scaling) divides
+    the logits first; without one it is 1."""
+    return (logits.double() / meta.get("temperature", 1.0)).softmax(1)
 
 
 def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
@@ -112,7 +120,7 @@ def predict_files(
     for paths, images in _batches(files, meta["image_size"], batch_size):
         with autocast(device, precision):
             logits = model(model_input(images, meta, device))
-        probs = logits.double().softmax(1).cpu()
+        probs = class_probabilities(logits, meta).cpu()
         values, indices = probs.topk(k, dim=1)
         for path, p, i in zip(paths, values.tolist(), indices.tolist(), strict=True):
             out.append(Prediction(path, [(classes[c], prob) for c, prob in zip(i, p, strict=True)]))
