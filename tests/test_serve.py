@@ -11,18 +11,11 @@ import io
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import HTTPError
 
 import pytest
 import torch
@@ -33,6 +26,7 @@ from inatpipe.cli import main
 from inatpipe.models import build_model
 from inatpipe.runtime import seed_everything
 from inatpipe.serve.app import MAX_UPLOAD_BYTES
+from inatpipe.testing import ServerProcess, http, post_file
 from inatpipe.training.loop import fit
 
 from .browser import chromium, render_live
@@ -48,8 +42,7 @@ CLASSES = ["cat", "dog", "owl"]
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
-    log: Path
+    running: ServerProcess
     checkpoint: Path
     images: list[Path]  # new images of the trained classes
     expected: dict[str, tuple[list[str], list[float]]]  # key(image) -> `inatpipe predict`'s top-3 and probabilities
@@ -86,72 +79,28 @@ def predicted_by_the_cli(checkpoint: Path, folder: Path, out: Path) -> dict[str,
     }
 
 
-def start_server(root: Path, checkpoint: Path) -> tuple[subprocess.Popen, str, Path]:
-    """`inatpipe serve --port 0` in its own process; returns it with its URL once it said where it listens."""
-    log = root / "server.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inatpipe.cli", "serve", "--model", str(checkpoint), "--port", "0"],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if match := re.search(r"on (http://127\.0\.0\.1:\d+/)", log.read_text()):
-            return process, match.group(1), log
-        assert process.poll() is None, f"the server stopped ({process.returncode}):\n{log.read_text()}"
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the server did not start:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("serve")
     checkpoint = trained_checkpoint(root)
-    process, url, log = start_server(root, checkpoint)  # starts while `predict` runs below
+    running = ServerProcess(checkpoint, root / "server.log", ROOT / "src")
     try:
         folder = write_image_folder(root / "new", per_class=3, seed=7, ext=".jpg")
         expected = predicted_by_the_cli(checkpoint, folder, root / "predicted.csv")
-        yield Server(url, process, log, checkpoint, sorted(folder.rglob("*.jpg")), expected)
+        yield Server(running.url, running, checkpoint, sorted(folder.rglob("*.jpg")), expected)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def request(url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of a GET, or a POST of `body`; an HTTP error status is an answer like any other."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=120) as r:
-            return r.status, dict(r.headers), r.read()
-    except HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-def upload(url: str, data: bytes, filename: str = "image.jpg", field: str = "file") -> tuple[int, dict, bytes]:
-    """POST `data` as a multipart/form-data file field, as a browser's form sends it."""
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return request(url, body, f"multipart/form-data; boundary={boundary}")
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
 
 
 def healthy(server: Server) -> bool:
-    status, _, body = request(server.url + "health")
+    status, _, body = http(server.url + "health")
     return status == 200 and json.loads(body)["status"] == "ok"
 
 
 def test_health_describes_the_model(server: Server):
-    status, headers, body = request(server.url + "health")
+    status, headers, body = http(server.url + "health")
     assert status == 200 and headers["content-type"] == "application/json"
     assert json.loads(body) == {
         "status": "ok",
@@ -165,7 +114,7 @@ def test_health_describes_the_model(server: Server):
 
 def test_predict_answers_as_the_predict_command(server: Server):
     for path in server.images:
-        status, _, body = upload(server.url + "predict?top_k=3", path.read_bytes(), path.name)
+        status, _, body = post_file(server.url + "predict?top_k=3", path.read_bytes(), path.name)
         assert status == 200, body
         answer = json.loads(body)
         classes, probabilities = server.expected[key(path)]
@@ -173,13 +122,13 @@ def test_predict_answers_as_the_predict_command(server: Server):
         assert [t["probability"] for t in answer["top"]] == pytest.approx(probabilities, abs=2e-6)
     right = sum(server.expected[key(p)][0][0] == p.parent.name for p in server.images)
     assert right >= 8  # a trained model: its answers are worth comparing
-    status, _, body = upload(server.url + "predict", server.images[0].read_bytes())
+    status, _, body = post_file(server.url + "predict", server.images[0].read_bytes())
     assert len(json.loads(body)["top"]) == 3  # top_k defaults to 5, and there are 3 classes
 
 
 def test_explain_returns_the_overlay_of_the_predicted_class(server: Server):
     path = server.images[-1]
-    status, headers, body = upload(server.url + "explain", path.read_bytes(), path.name)
+    status, headers, body = post_file(server.url + "explain", path.read_bytes(), path.name)
     assert status == 200 and headers["content-type"] == "image/png"
     assert headers["x-predicted-class"] == server.expected[key(path)][0][0]
     with Image.open(path) as original, Image.open(io.BytesIO(body)) as overlay:
@@ -196,14 +145,19 @@ def png_bytes(size: tuple[int, int] = (20, 20)) -> bytes:
 @pytest.mark.parametrize(
     "case, send, status, message",
     [
-        ("not an image", lambda u: upload(u + "predict", b"just some text", "notes.txt"), 415, "not a readable image"),
-        ("truncated", lambda u: upload(u + "predict", png_bytes()[:60], "cut.png"), 415, "not a readable image"),
-        ("empty", lambda u: upload(u + "predict", b"", "empty.jpg"), 400, "empty.jpg is empty"),
-        ("too large", lambda u: upload(u + "predict", bytes(MAX_UPLOAD_BYTES + 1)), 413, "over the limit of 10 MiB"),
-        ("wrong field", lambda u: upload(u + "predict", png_bytes(), field="image"), 422, "a field named 'file'"),
-        ("not multipart", lambda u: request(u + "predict", png_bytes(), "image/png"), 422, "a field named 'file'"),
-        ("bad top_k", lambda u: upload(u + "predict?top_k=0", png_bytes()), 422, "top_k"),
-        ("explain, not an image", lambda u: upload(u + "explain", b"GIF89a?", "x.gif"), 415, "not a readable image"),
+        (
+            "not an image",
+            lambda u: post_file(u + "predict", b"plain text", "notes.txt"),
+            415,
+            "not a readable image",
+        ),
+        ("truncated", lambda u: post_file(u + "predict", png_bytes()[:60], "cut.png"), 415, "not a readable image"),
+        ("empty", lambda u: post_file(u + "predict", b"", "empty.jpg"), 400, "empty.jpg is empty"),
+        ("too large", lambda u: post_file(u + "predict", bytes(MAX_UPLOAD_BYTES + 1)), 413, "over the limit of 10 MiB"),
+        ("wrong field", lambda u: post_file(u + "predict", png_bytes(), field="image"), 422, "a field named 'file'"),
+        ("not multipart", lambda u: http(u + "predict", png_bytes(), "image/png"), 422, "a field named 'file'"),
+        ("bad top_k", lambda u: post_file(u + "predict?top_k=0", png_bytes()), 422, "top_k"),
+        ("explain, not an image", lambda u: post_file(u + "explain", b"GIF89a?", "x.gif"), 415, "not a readable image"),
     ],
 )
 def test_a_bad_upload_gets_a_4xx_message_and_the_server_goes_on(server: Server, case, send, status, message):
@@ -218,7 +172,7 @@ def test_200_requests_from_8_clients_are_all_answered_right(server: Server):
     jobs = [server.images[i % len(server.images)] for i in range(200)]
 
     def ask(path: Path) -> str:
-        status, _, body = upload(server.url + "predict", path.read_bytes(), path.name)
+        status, _, body = post_file(server.url + "predict", path.read_bytes(), path.name)
         assert status == 200, body
         return json.loads(body)["top"][0]["class"]
 
@@ -235,7 +189,7 @@ def test_the_page_shows_the_prediction_in_a_browser_without_network(server: Serv
     """The page, opened in headless Chromium that can reach nothing but the server, is given an image and shows the
     predicted class and the overlay. Given an image from elsewhere on the web, it can't fetch it: the check can fail."""
     assert chromium(), "CI runs every test: .ci/run installs Chromium"
-    _, _, page = request(server.url)
+    _, _, page = http(server.url)
     assert not re.search(rb"(src|href)\s*=\s*[\"']?(https?:)?//|https?://", page)  # every resource is the server's
     path = server.images[0]
     image = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -261,9 +215,8 @@ def test_serve_reports_a_busy_port_and_a_missing_model_in_one_line(server: Serve
 
 def test_ctrl_c_stops_the_server_cleanly(server: Server):
     """Last: it stops the module's server. Every answer so far went through without a traceback or a 500."""
-    server.process.send_signal(signal.SIGINT)
-    assert server.process.wait(timeout=60) == 0
-    log = server.log.read_text()
+    assert server.running.stop() == 0
+    log = server.running.log.read_text()
     assert "Shutting down" in log and "Finished server process" in log and log.endswith("stopped\n")
     assert "Traceback" not in log and '" 500 ' not in log
     assert re.search(r'"POST /predict\?top_k=3 HTTP/1.1" 200', log) and "predict " in log  # requests were logged

@@ -9,8 +9,9 @@ FlexibleCNN's last conv block (its activation, before the block's pooling) and f
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -162,19 +163,20 @@ def explain_files(explainer: Explainer, files: Sequence[Path], out_dir: Path) ->
     """One overlay PNG per image file, titled with the predicted class and its probability. Every file is read first
     (as `inatpipe predict` reads it): an unreadable one stops the command before anything is written.
     Returns (file, class, probability, overlay written) per file."""
-    prepared, shown = [], []
-    for f in files:
+
+    def read(f: Path, decode: Callable[[Path], Any]) -> Any:
         try:
-            prepared.append(prepare_image(f, explainer.image_size))  # what `predict` reads (read_image)
-            shown.append(open_rgb(f, draft_size=(DISPLAY_SIDE, DISPLAY_SIDE)))
+            return decode(f)
         except DECODE_ERRORS as e:
-            raise UserError(f"{f} is not a readable image ({type(e).__name__}: {e}); nothing written") from None
+            raise UserError(f"{f} is not a readable image ({type(e).__name__}: {e})") from None
+
+    prepared = [read(f, lambda f: prepare_image(f, explainer.image_size)) for f in files]  # as `predict` reads
     done = []
-    for f, image, picture, out in zip(files, prepared, shown, overlay_paths(files, out_dir), strict=True):
+    for f, image, out in zip(files, prepared, overlay_paths(files, out_dir), strict=True):
         probs, cams = explainer.explain([image])
         k = int(probs[0].argmax())
         title = f"{f.name}: {explainer.classes[k]} ({probs[0, k]:.3f})"
-        overlay_figure(picture, cams[0], title, out)
+        overlay_figure(read(f, lambda f: open_rgb(f, draft_size=(DISPLAY_SIDE, DISPLAY_SIDE))), cams[0], title, out)
         done.append((f, explainer.classes[k], float(probs[0, k]), out))
     return done
 

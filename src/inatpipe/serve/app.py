@@ -8,6 +8,7 @@ answer from both. Whatever an upload is, the answer is JSON: a 4xx with a `detai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -167,8 +168,11 @@ def create_app(
         @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
         def explain(file: Annotated[UploadFile, File(description="an image file")]) -> Response:
             data, image = read(file)
+            start = time.perf_counter()
             with model_lock:
                 png, label, probability = overlay_png(explainer, image, data)
+            ms = (time.perf_counter() - start) * 1000
+            log.info("explain %s: %s %.3f (%.0f ms)", file.filename, label, probability, ms)
             headers = {"X-Predicted-Class": label, "X-Probability": f"{probability:.6f}"}
             return Response(png, media_type="image/png", headers=headers)
 
@@ -194,8 +198,7 @@ def run_server(app: FastAPI, sock: socket.socket) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {app.title} on http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    try:
+    # uvicorn hands the Ctrl-C it handled back (as KeyboardInterrupt) once it has shut down: a normal stop here.
+    with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn hands the Ctrl-C it handled back once it has shut down: a normal stop
-        pass
     print("stopped", flush=True)
