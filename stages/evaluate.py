@@ -1,6 +1,7 @@
 """Stage evaluate@<model>: score a checkpoint on the held-out test set (with test-time augmentation and the
 checkpoint's temperature as evaluate.tta and evaluate.calibrate say); metrics, per-image predictions, per-class
-table, confusion matrix, calibration before and after the temperature, and the images under reports/<model>/."""
+table, confusion matrix, calibration before and after the temperature, and the images under reports/<model>/
+(Grad-CAM overlays among them)."""
 
 import sys
 
@@ -9,9 +10,11 @@ from dvclive import Live
 
 from inatpipe import paths
 from inatpipe.atomic import atomic_open, write_json
+from inatpipe.checkpoint import load_checkpoint
 from inatpipe.cores import loader_workers
 from inatpipe.data.index import read_index
 from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.evaluation.explain import Explainer, write_gradcam_report
 from inatpipe.evaluation.figures import write_model_report
 from inatpipe.evaluation.metrics import evaluate_checkpoint, predictions_table
 from inatpipe.params import Params, load_params
@@ -49,6 +52,10 @@ def run(p: Params, name: str) -> None:
         predictions_table(pred, classes, test["path"].tolist()).to_csv(f, index=False, lineterminator="\n")
     images = np.load(paths.PREPARED_DIR / "test.npy", mmap_mode="r")  # the test images as the model saw them
     write_model_report(paths.report_dir(name), name, m, images, pred.targets, pred.predicted, pred.confidence, classes)
+    explainer = Explainer(*load_checkpoint(paths.checkpoint(name), device), device)
+    gradcam = paths.report_dir(name) / "gradcam.png"
+    title = f"{name}: Grad-CAM, most confident mistakes, then one correct test image per class"
+    write_gradcam_report(explainer, images, pred.targets, pred.predicted, pred.confidence, gradcam, title)
     print(
         f"{name}: test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
         f"ECE {m['ece']:.4f} (uncalibrated {m['ece_uncalibrated']:.4f}, temperature {m['temperature']:.3f}"

@@ -1,4 +1,5 @@
-"""Open a local HTML page in headless Chromium with networking off and return the DOM after its scripts ran."""
+"""Open a page in headless Chromium with networking off and return the DOM after its scripts ran: a local HTML file
+(`render_offline`), or a page of a server on this machine's loopback address (`render_live`)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ def _offline_prefix() -> list[str]:
     return []
 
 
-def render_offline(page: Path, budget_ms: int = 15000) -> str:
+def _dump_dom(prefix: list[str], network_flags: tuple[str, ...], url: str, budget_ms: int) -> str:
+    """The DOM of `url` once its scripts ran; virtual time stands still while a request is pending, so `budget_ms`
+    counts the page's own timers, not a slow server."""
     browser = chromium()
     assert browser, "no Chromium on PATH"
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
-            *_offline_prefix(),
+            *prefix,
             browser,
             "--headless",
             "--no-sandbox",
@@ -46,14 +49,29 @@ def render_offline(page: Path, budget_ms: int = 15000) -> str:
             "--disable-component-update",
             "--no-first-run",
             f"--user-data-dir={profile}",
-            *NO_NETWORK_FLAGS,
+            *network_flags,
             f"--virtual-time-budget={budget_ms}",
             "--dump-dom",
-            page.resolve().as_uri(),
+            url,
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, f"chromium failed ({result.returncode}): {result.stderr[-2000:]}"
     return result.stdout
+
+
+def render_offline(page: Path, budget_ms: int = 15000) -> str:
+    return _dump_dom(_offline_prefix(), NO_NETWORK_FLAGS, page.resolve().as_uri(), budget_ms)
+
+
+# The network as render_offline cuts it, but for 127.0.0.1 itself: Chromium sends loopback requests past any proxy,
+# so only the local server answers; every other address has no route (the dead proxy) and no name resolves.
+LOOPBACK_ONLY_FLAGS = ("--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+
+
+def render_live(url: str, budget_ms: int = 15000) -> str:
+    """The DOM of a page served on 127.0.0.1 (no network namespace: the server lives in this one)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    return _dump_dom([], LOOPBACK_ONLY_FLAGS, url, budget_ms)
 
 
 class _Charts(HTMLParser):

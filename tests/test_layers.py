@@ -18,6 +18,7 @@ LAYERS = (
     ("checkpoint",),
     ("training",),
     ("evaluation", "sweep"),
+    ("serve",),  # the web app: FastAPI over evaluation's predictions and Grad-CAM
     ("cli", "testing"),
 )
 RANK = {group: rank for rank, groups in enumerate(LAYERS) for group in groups}

@@ -1,5 +1,6 @@
-"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters), finding a
-learning rate (lr-find), and running and reporting sweeps. (The pipeline itself runs through `dvc repro`.)"""
+"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters, explain,
+serve), finding a learning rate (lr-find), and running and reporting sweeps. (The pipeline itself runs through
+`dvc repro`.)"""
 
 from __future__ import annotations
 
@@ -39,14 +40,19 @@ def cmd_setup(args: argparse.Namespace) -> None:
     setup(DATA)
 
 
-def _load(model: Path, device: str = "cpu"):
-    from inatpipe.checkpoint import load_checkpoint
+def _device(name: str):
     from inatpipe.runtime import choose_device
 
     try:
-        dev = choose_device(device)
+        return choose_device(name)
     except UserError:  # its message speaks of params.yaml, which the command line does not read
-        raise UserError(f"device {device!r} is not available on this machine; use --device auto or cpu") from None
+        raise UserError(f"device {name!r} is not available on this machine; use --device auto or cpu") from None
+
+
+def _load(model: Path, device: str = "cpu"):
+    from inatpipe.checkpoint import load_checkpoint
+
+    dev = _device(device)
     return (*load_checkpoint(model, dev), dev)
 
 
@@ -118,6 +124,29 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
         section = "train" if args.model == "flexible" else "resnet"
         print(f"suggested {section}.learning_rate: {found['recommended']:.1e} (minimum / 10)")
         print(f"try it: dvc exp run -S {section}.learning_rate={found['recommended']:.1e}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from inatpipe.evaluation.explain import Explainer, explain_files
+    from inatpipe.evaluation.predict import collect_images
+
+    model, meta, device = _load(args.model, args.device)
+    files = collect_images(args.images)
+    for path, label, probability, out in explain_files(Explainer(model, meta, device), files, args.out):
+        print(f"{path}: {label} {probability:.3f} -> {out}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from inatpipe.serve.app import create_app, listening_socket, load_model, run_server
+
+    sock = listening_socket(args.host, args.port)  # a port in use fails now, before seconds of model loading
+    try:
+        print(f"loading {args.model} ...", flush=True)
+        predictor, explainer = load_model(args.model, _device(args.device))
+    except BaseException:
+        sock.close()
+        raise
+    run_server(create_app(predictor, explainer, args.model.name), sock)
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> None:
@@ -309,6 +338,22 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("reports/lr_find"), help="output folder (default: reports/lr_find)"
     )
     lr_find.set_defaults(func=cmd_lr_find)
+
+    explain = sub.add_parser("explain", help="Grad-CAM overlays: where in each image the predicted class comes from")
+    explain.add_argument("--model", type=Path, required=True, help=model_help)
+    explain.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files and/or folders")
+    explain.add_argument(
+        "--out", type=Path, default=Path("."), help="folder for <image name>_gradcam.png (default: the current one)"
+    )
+    explain.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    explain.set_defaults(func=cmd_explain)
+
+    serve = sub.add_parser("serve", help="a web page and JSON API to try the model on your own images")
+    serve.add_argument("--model", type=Path, required=True, help=model_help)
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only; 0.0.0.0: all)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    serve.set_defaults(func=cmd_serve)
 
     _add_sweep(sub)
     return p

@@ -1,13 +1,20 @@
 """A copy of the pipeline in a new git + DVC repository, where the end-to-end tests and the benchmarks run it with
-the real CLIs while the workspace, its metrics, experiments and DVC cache stay untouched."""
+the real CLIs while the workspace, its metrics, experiments and DVC cache stay untouched; and `inatpipe serve` in its
+own process with a client for it, for the serve tests and the load benchmark."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
+from urllib.error import HTTPError
 
 # What `dvc repro` needs besides data: the pipeline, its params, the stages and the library they import.
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", "sweep.yaml", ".dvcignore", ".gitignore")
@@ -57,3 +64,57 @@ def _run(cwd: Path, *cmd: str) -> None:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}) in {cwd}:\n{result.stdout}{result.stderr}")
+
+
+class ServerProcess:
+    """`inatpipe serve --model <checkpoint> --port 0` in its own process (the library at `src` first on its path),
+    its output in `log`; `url` once it says where it listens. `stop()` sends Ctrl-C (SIGINT) and waits."""
+
+    def __init__(self, checkpoint: Path, log: Path, src: Path, timeout_s: float = 180):
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "inatpipe.cli", "serve", "--model", str(checkpoint), "--port", "0"],
+            cwd=log.parent,
+            env={**os.environ, "PYTHONPATH": str(src)},
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not (found := re.search(r"on (http://127\.0\.0\.1:\d+/)", log.read_text())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"inatpipe serve did not start ({self.process.wait()}):\n{log.read_text()}")
+            time.sleep(0.2)
+        self.url = found.group(1)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def http(url: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of a GET, or of a POST of `body`; an error status is an answer
+    like any other."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=120) as r:
+            status, answer, data = r.status, r.headers, r.read()
+    except HTTPError as e:
+        status, answer, data = e.code, e.headers, e.read()
+    return status, {k.lower(): v for k, v in answer.items()}, data
+
+
+def post_file(url: str, data: bytes, filename: str = "image.jpg", field: str = "file") -> tuple[int, dict, bytes]:
+    """POST `data` as one file field of a multipart/form-data body, as a browser's form sends it."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return http(url, body, f"multipart/form-data; boundary={boundary}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -15,19 +16,23 @@ EXIF_ORIENTATION = 0x0112
 BACKGROUND = (255, 255, 255)
 # Integer modes whose values span 16 bits; PIL's convert("RGB") clips them at 255 instead of scaling.
 WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What decoding raises for a file that is no readable image: not an image (UnidentifiedImageError, an OSError),
+# truncated or corrupt (OSError, ValueError, SyntaxError from some plugins), or a decompression bomb.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def open_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode `path` fully into an RGB image, upright as its EXIF orientation says.
+def open_rgb(path: str | Path | BinaryIO, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode `path` (a file name, or a binary file object such as an upload's bytes in io.BytesIO) fully into an
+    RGB image, upright as its EXIF orientation says.
 
     Grayscale, palette (with or without transparency), RGBA, CMYK and 16-bit images all come out as 8-bit RGB.
     `draft_size` lets a JPEG decode at a reduced scale no smaller than it (much faster for big photos), which is
     enough to prove the file is readable. Raises OSError (or a subclass, e.g. PIL.UnidentifiedImageError) for files
-    that are not images, are truncated or are corrupt.
+    that are not images, are truncated or are corrupt (any of DECODE_ERRORS, to be exact).
     """
     with Image.open(path) as img:
         if draft_size is not None:

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,7 @@ def decode(img: Image.Image, side: int) -> np.ndarray:
     return np.array(img.resize((side, side), Image.Resampling.BILINEAR))
 
 
-def prepare_image(path: str | Path, image_size: int) -> np.ndarray:
+def prepare_image(path: str | Path | BinaryIO, image_size: int) -> np.ndarray:
     """One image file as `prepare` stores it for `image_size`: decoded by `open_rgb` (a JPEG at reduced scale) and
     resized to the prepared square. Predictions on files go through this, so they see what evaluation saw."""
     side = prepared_side(image_size)

@@ -160,6 +160,11 @@ def report_markdown(rows: dict[str, dict], per_class: dict[str, str], bars: str)
         ("Confusion matrices", "confusion_matrix.png", "true classes down, predicted classes across"),
         ("Calibration", "reliability.png", "accuracy against confidence; bars on the diagonal are calibrated"),
         ("Most confident mistakes", "confident_mistakes.png", "the wrong predictions made with most confidence"),
+        (
+            "Where the models look (Grad-CAM)",
+            "gradcam.png",
+            "the most confident mistakes, then one correct image per class; red: the regions that drove the prediction",
+        ),
     )
     for title, image, note in sections:
         parts.append(f"## {title}\n\n{note[0].upper() + note[1:]}.\n")

@@ -3,7 +3,7 @@ the comparison bar chart and per-class tables. Drawn with matplotlib's headless 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ CELL_INCHES = (2.2, 2.5)  # one image with its three-line caption
 GRID_COLUMNS = 3
 MISTAKE_COLUMNS = 4
 MISTAKES_SHOWN = 12
+GRADCAM_MISTAKES = 8  # two rows of MISTAKE_COLUMNS, above one correct image per class
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
@@ -48,7 +49,7 @@ def _caption(true: str, predicted: str, confidence: float) -> str:
 def _image_grid(
     cells: Sequence[int | None],
     columns: int,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | Mapping[int, np.ndarray],
     targets: np.ndarray,
     predicted: np.ndarray,
     confidence: np.ndarray,
@@ -100,6 +101,13 @@ def prediction_grid(
     return save_figure(fig, out)
 
 
+def _most_confident_mistakes(
+    targets: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, count: int
+) -> np.ndarray:
+    wrong = np.flatnonzero(predicted != targets)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+
+
 def confident_mistakes(
     images: Sequence[np.ndarray],
     targets: np.ndarray,
@@ -111,13 +119,49 @@ def confident_mistakes(
     count: int = MISTAKES_SHOWN,
 ) -> Path:
     """The `count` wrong predictions made with the highest confidence, most confident first."""
-    wrong = np.flatnonzero(predicted != targets)
-    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    worst = _most_confident_mistakes(targets, predicted, confidence, count)
     cells = _padded(worst.tolist(), max(1, -(-len(worst) // MISTAKE_COLUMNS)) * MISTAKE_COLUMNS)  # whole rows
     title = title or "most confident mistakes"
     fig, axes = _image_grid(cells, MISTAKE_COLUMNS, images, targets, predicted, confidence, classes, title)
     if len(worst) == 0:
         axes[0, 0].text(0, 0.5, "no wrong predictions on the test set", fontsize=10)
+    return save_figure(fig, out)
+
+
+def gradcam_selection(
+    targets: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, mistakes: int = GRADCAM_MISTAKES
+) -> tuple[list[int], list[int]]:
+    """Test indices to explain: the `mistakes` most confident wrong predictions (most confident first), and per class
+    the correct prediction made with the highest confidence (classes with none are left out)."""
+    worst = _most_confident_mistakes(targets, predicted, confidence, mistakes)
+    best = []
+    for k in np.unique(targets):
+        right = np.flatnonzero((targets == k) & (predicted == k))
+        if len(right):
+            best.append(int(right[np.argmax(confidence[right])]))
+    return worst.tolist(), best
+
+
+def gradcam_grid(
+    overlays: Mapping[int, np.ndarray],
+    mistakes: Sequence[int],
+    correct: Sequence[int],
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    classes: Sequence[str],
+    out: Path,
+    title: str = "",
+) -> Path:
+    """Grad-CAM overlays (test index -> image) in rows of MISTAKE_COLUMNS: the mistakes, then, from a new row, the
+    correct ones; captioned and framed like the other grids."""
+    columns = MISTAKE_COLUMNS
+    cells = _padded(list(mistakes), -(-len(mistakes) // columns) * columns)
+    cells += _padded(list(correct), max(1, -(-len(correct) // columns)) * columns)
+    title = title or "Grad-CAM: most confident mistakes, then one correct image per class"
+    fig, axes = _image_grid(cells, columns, overlays, targets, predicted, confidence, classes, title)
+    if not mistakes and not correct:
+        axes[0, 0].text(0, 0.5, "no test images", fontsize=10)
     return save_figure(fig, out)
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from inatpipe.atomic import atomic_open
 from inatpipe.checkpoint import temperature_of
 from inatpipe.data.dataset import channel_tensor, normalize
+from inatpipe.data.images import DECODE_ERRORS
 from inatpipe.data.prepared import prepare_image
 from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
@@ -63,7 +64,7 @@ def read_image(path: Path, image_size: int) -> np.ndarray | None:
     """The file as `prepare` would store it, or None (after a warning on stderr) when it is not a readable image."""
     try:
         return prepare_image(path, image_size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # any decoder failure
+    except DECODE_ERRORS as e:
         print(f"warning: skipping {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
         return None
 
@@ -75,6 +76,12 @@ def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device |
     x = BatchResize(meta["image_size"])(x).to(device)
     norm = meta["normalization"]
     return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
+
+
+def class_probabilities(logits: torch.Tensor, meta: dict, calibrate: bool = True) -> torch.Tensor:
+    """Softmax of a model's logits in float64, at the checkpoint's temperature (1 for a checkpoint without one, or
+    with `calibrate` off): how `explain` and `serve` turn logits into probabilities, as `predict` does."""
+    return calibrated_logits([logits.double()], temperature_of(meta) if calibrate else 1.0).softmax(1)
 
 
 def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
