@@ -152,10 +152,16 @@ def check_evaluation(folder: Path, size: int, device: torch.device) -> str:
     """The evaluate stage's timed forward pass on the GPU: logits equal across fp32 and bf16 within bf16's error."""
     model = build_model("flexible_cnn", CLASSES, {"image_size": size, **CONFIG}).to(device).eval()
     _, val = loaders(folder, size, 64, device, torch.Generator().manual_seed(0))
-    fp32, bf16 = predict(model, val, device, "fp32"), predict(model, val, device, "bf16")
+    fp32, bf16 = predict(model, val, device, "fp32").predictions(), predict(model, val, device, "bf16").predictions()
     agree = float((fp32.predicted == bf16.predicted).mean())
     rate = len(val.dataset) / max(bf16.forward_seconds, 1e-9)
-    return f"evaluation: bf16 and fp32 agree on {agree:.1%} of top-1; bf16 forward {rate:,.0f} images/s"
+    tta = predict(model, val, device, "bf16", tta="hflip")
+    both = len(tta.views) == 2 and all(v.shape == tta.views[0].shape for v in tta.views)
+    tta_rate = len(val.dataset) / max(tta.forward_seconds, 1e-9)
+    return (
+        f"evaluation: bf16 and fp32 agree on {agree:.1%} of top-1; bf16 forward {rate:,.0f} images/s; "
+        f"hflip test-time views {'computed' if both else 'MISSING'} ({tta_rate:,.0f} images/s)"
+    )
 
 
 def check_resume(folder: Path, size: int, device: torch.device) -> str:
