@@ -22,6 +22,8 @@ STAGES = (
     "train_resnet",
     "evaluate@flexible",
     "evaluate@resnet",
+    "export@flexible",
+    "export@resnet",
     "compare",
 )
 

@@ -1,7 +1,9 @@
-"""Top-k predictions for image files and folders, from a checkpoint alone (classes and normalisation travel inside).
+"""Top-k predictions for image files and folders, from a model file alone: a checkpoint, or an exported ONNX or
+TorchScript file (classes and normalisation travel inside; `predictor.load_predictor` reads each kind).
 
 Each file is read as the pipeline reads it (`prepare_image`: one decoder, the prepared square) and resized and
 normalised as the evaluate stage's loader does, so an image of the test set gets the prediction evaluate gave it.
+Nothing here imports torch at import time: predictions from an ONNX file run without it.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open
-from inatpipe.data.dataset import channel_tensor, normalize
-from inatpipe.data.prepared import prepare_image
-from inatpipe.data.transforms import BatchResize
+from inatpipe.data.images import prepare_image
 from inatpipe.errors import UserError
-from inatpipe.training.precision import autocast
+
+if TYPE_CHECKING:
+    import torch
+
+    from inatpipe.evaluation.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ def read_image(path: Path, image_size: int) -> np.ndarray | None:
 def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     """Prepared images (each (side, side, 3) uint8) as the model's input batch: resized to its image size and
     normalised with its statistics on `device`, exactly as the evaluate stage's loader gives them."""
+    import torch
+
+    from inatpipe.data.dataset import channel_tensor, normalize
+    from inatpipe.data.transforms import BatchResize
+
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     x = BatchResize(meta["image_size"])(x).to(device)
     norm = meta["normalization"]
@@ -87,35 +95,23 @@ def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterato
         yield paths, images
 
 
-@torch.no_grad()
 def predict_files(
-    model: nn.Module,
-    meta: dict,
-    files: Sequence[Path],
-    top_k: int = 3,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    precision: str = "auto",
+    predictor: Predictor, files: Sequence[Path], top_k: int = 3, batch_size: int = 64
 ) -> list[Prediction]:
-    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning. `precision`
-    autocasts the forward pass as `evaluate.precision` does (auto: bf16 where the device computes it natively)."""
+    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    classes = meta["classes"]
+    classes = predictor.classes
     k = min(top_k, len(classes))
-    device = torch.device(device)
-    model.eval()
     out = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False)
-    for paths, images in _batches(files, meta["image_size"], batch_size):
-        with autocast(device, precision):
-            logits = model(model_input(images, meta, device))
-        probs = logits.double().softmax(1).cpu()
-        values, indices = probs.topk(k, dim=1)
-        for path, p, i in zip(paths, values.tolist(), indices.tolist(), strict=True):
-            out.append(Prediction(path, [(classes[c], prob) for c, prob in zip(i, p, strict=True)]))
+    for paths, images in _batches(files, predictor.image_size, batch_size):
+        probs = predictor.probabilities(images)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # most probable first; ties: the lower index
+        for path, p, order in zip(paths, probs, top, strict=True):
+            out.append(Prediction(path, [(classes[c], float(p[c])) for c in order]))
         bar.update(len(paths))
     bar.close()
     return out
