@@ -99,6 +99,7 @@ def test_onnx_file_carries_the_metadata_and_takes_any_batch_size(checkpoint: Pat
         assert (got.argmax(1) == expected.argmax(1)).all()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # loaded here as a user would
 def test_torchscript_file_carries_the_metadata_and_takes_any_batch_size(checkpoint: Path, exported: dict[str, Path]):
     extra = {"inatpipe.json": ""}
     module = torch.jit.load(str(exported["torchscript"]), _extra_files=extra)

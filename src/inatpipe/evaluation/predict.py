@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,11 +21,8 @@ from tqdm import tqdm
 from inatpipe.atomic import atomic_open
 from inatpipe.data.images import prepare_image
 from inatpipe.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-    from inatpipe.evaluation.predictor import Predictor
+from inatpipe.evaluation.predictor import Predictor
+from inatpipe.evaluation.predictor import model_input as model_input  # where inspection and others import it
 
 
 @dataclass(frozen=True)
@@ -64,20 +60,6 @@ def read_image(path: Path, image_size: int) -> np.ndarray | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # any decoder failure
         print(f"warning: skipping {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
         return None
-
-
-def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Prepared images (each (side, side, 3) uint8) as the model's input batch: resized to its image size and
-    normalised with its statistics on `device`, exactly as the evaluate stage's loader gives them."""
-    import torch
-
-    from inatpipe.data.dataset import channel_tensor, normalize
-    from inatpipe.data.transforms import BatchResize
-
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    x = BatchResize(meta["image_size"])(x).to(device)
-    norm = meta["normalization"]
-    return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
 
 
 def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray]]]:

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     import torch
 
 
+def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prepared images (each (side, side, 3) uint8) as the model's input batch: resized to its image size and
+    normalised with its statistics on `device`, exactly as the evaluate stage's loader gives them."""
+    import torch
+
+    from inatpipe.data.dataset import channel_tensor, normalize
+    from inatpipe.data.transforms import BatchResize
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    x = BatchResize(meta["image_size"])(x).to(device)
+    norm = meta["normalization"]
+    return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
+
+
 class Predictor:
     """Class probabilities for prepared images; subclasses say how to get the logits."""
 
@@ -66,7 +80,6 @@ class CheckpointPredictor(Predictor):
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
 
-        from inatpipe.evaluation.predict import model_input
         from inatpipe.training.precision import autocast
 
         with torch.no_grad(), autocast(self.device, self.precision):
