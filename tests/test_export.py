@@ -24,7 +24,7 @@ from inatpipe.cli import main
 from inatpipe.data import pixels
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import prepare
-from inatpipe.errors import exit_on_user_error
+from inatpipe.errors import UserError, exit_on_user_error
 from inatpipe.evaluation.export import measure_parity, onnx_runner, prepared_test_inputs
 from inatpipe.evaluation.model_info import ModelInfo
 from inatpipe.evaluation.predict import model_input
@@ -117,6 +117,8 @@ def test_a_checkpoint_without_temperature_exports_temperature_one():
     info = ModelInfo.of_checkpoint(meta)
     assert info.temperature == 1.0
     assert ModelInfo.of_metadata(info.metadata(), Path("x.onnx")) == info
+    with pytest.raises(UserError, match="temperature must be > 0"):
+        ModelInfo.of_checkpoint({**meta, "temperature": 0.0})
 
 
 @pytest.mark.parametrize(("side", "size"), [(19, 16), (37, 32), (256, 224), (73, 64), (147, 128), (300, 17), (10, 32)])

@@ -4,7 +4,7 @@ inside. And parity: the exported model against the torch model on the same input
 
 ONNX goes through torch's default exporter (`torch.onnx.export(..., dynamo=True)`, from torch.export's graph, with
 onnxscript); the TorchScript-based ONNX exporter it replaced is deprecated. TorchScript is traced: both model
-families are plain feed-forward graphs, and torch.jit.script cannot compile torchvision's type annotations.
+families are plain feed-forward graphs, and torch.jit.script cannot compile the models' Python annotations.
 """
 
 from __future__ import annotations

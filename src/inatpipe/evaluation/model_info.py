@@ -34,6 +34,10 @@ class ModelInfo:
     std: list[float]
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:  # also NaN
+            raise UserError(f"temperature must be > 0 (the logits are divided by it), got {self.temperature}")
+
     @classmethod
     def of_checkpoint(cls, meta: Mapping[str, Any]) -> ModelInfo:
         norm = meta["normalization"]
@@ -62,9 +66,8 @@ class ModelInfo:
         try:
             values = {k: json.loads(props[k]) for k in ("model_name", "classes", "image_size", "mean", "std")}
             temperature = float(json.loads(props.get("temperature", "1.0")))
-            info = cls(**values, temperature=temperature)
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(
                 f"{source} has broken inatpipe metadata ({type(e).__name__}: {e}); export it again"
             ) from None
-        return info
+        return cls(**values, temperature=temperature)
