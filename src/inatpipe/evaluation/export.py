@@ -146,12 +146,16 @@ def measure_parity(
     model.eval()
     images = mismatches = 0
     worst, torch_seconds, exported_seconds = 0.0, 0.0, 0.0
-    for x in batches:
+    for i, x in enumerate(batches):
+        x_np = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        if i == 0:  # the first calls pay one-off set-up (kernel choice, memory plans): keep it out of the timings
+            model(x)
+            exported(x_np)
         start = time.perf_counter()
         expected = model(x).float().numpy()
         torch_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        got = exported(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        got = exported(x_np)
         exported_seconds += time.perf_counter() - start
         if got.shape != expected.shape:
             raise UserError(f"the exported model gives logits of shape {got.shape}, torch {expected.shape}")
