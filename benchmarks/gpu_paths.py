@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from inatpipe.data.dataset import NormalizedLoader, make_loader
-from inatpipe.data.prepared import PreparedDataset, prepared_side
+from inatpipe.data.images import prepared_side
+from inatpipe.data.prepared import PreparedDataset
 from inatpipe.data.transforms import BatchAugment, BatchErase, BatchPolicy, BatchResize, Chain
 from inatpipe.evaluation.metrics import predict
 from inatpipe.models import build_model

@@ -21,8 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from inatpipe.checkpoint import load_checkpoint
 from inatpipe.evaluation.predict import collect_images, predict_files
+from inatpipe.evaluation.predictor import load_predictor
 from inatpipe.testing import ServerProcess, post_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,8 @@ def main() -> None:
 
     files = collect_images([args.images])
     files = files[:: max(1, len(files) // args.files)][: args.files]
-    model, meta = load_checkpoint(args.model)
-    expected = {f: pred.top[0][0] for f, pred in zip(files, predict_files(model, meta, files, 1, 1), strict=True)}
+    predictor = load_predictor(args.model, "cpu")
+    expected = {f: pred.top[0][0] for f, pred in zip(files, predict_files(predictor, files, 1, 1), strict=True)}
 
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(args.model.resolve(), Path(tmp) / "server.log", ROOT / "src")
@@ -70,7 +70,7 @@ def main() -> None:
     wrong = sum(label != expected[f] for (label, _), f in zip(answers, jobs, strict=True))
     latencies = sorted(seconds * 1000 for _, seconds in answers)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
-    print(f"cores: {os.cpu_count()}   python: {sys.version.split()[0]}   model: {args.model} ({meta['model_name']})")
+    print(f"cores: {os.cpu_count()}   python: {sys.version.split()[0]}   model: {args.model}")
     print(f"{args.requests} requests to /{args.endpoint} from {args.clients} clients, {len(files)} distinct files")
     print(f"  answered right:   {args.requests - wrong} of {args.requests}")
     print(f"  latency median:   {statistics.median(latencies):7.1f} ms")

@@ -9,24 +9,29 @@ on the cached backbone features, so experiments on the head's recipe show whethe
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import dvc_render.html
 import pytest
 import torch
 import torchvision
+import yaml
 
 from inatpipe import testing
+from inatpipe.checkpoint import load_checkpoint
 
 from .browser import chromium, rendered_charts
 from .project import SMALL_LR, SMALL_PARAMS, Project, make_project
+from .stages import inatpipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_pipeline")]  # its fixtures: built once, on one worker
 # dvc.yaml's stages, foreach items by their stage's name (as `stale` reports them)
-STAGES = ("split", "prepare", "stats", "train_flexible", "features", "train_resnet", "evaluate", "compare")
+STAGES = ("split", "prepare", "stats", "train_flexible", "features", "train_resnet", "evaluate", "export", "compare")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,33 @@ def test_repro_runs_every_stage_and_writes_metrics_for_both_models(project: Proj
     assert "metrics/evaluate/flexible/predictions.csv" in tracked
 
 
+def test_export_records_parity_and_predict_from_onnx_equals_predict_from_the_checkpoint(project: Project, tmp_path):
+    """`dvc repro` exported both models with parity measured on every test image; `inatpipe predict` on the test
+    folder gives the same top-1 (and probabilities) from models/<model>.onnx as from the checkpoint in fp32."""
+    for name in ("flexible", "resnet"):
+        parity = project.json(f"metrics/export/{name}.json")
+        assert parity["images"] == 12 and parity["top1_mismatches"] == 0 and parity["top1_agreement"] == 1.0
+        assert 0 <= parity["max_abs_logit_diff"] < 1e-3 and parity["onnx_megabytes"] > 0
+        results = {}
+        for suffix, extra in ((".pt", ["--precision", "fp32"]), (".onnx", [])):
+            out = tmp_path / f"{name}{suffix}.csv"
+            model = f"models/{name}{suffix}"
+            result = inatpipe(project.root, "predict", "--model", model, *extra, "--csv", str(out), "data/val")
+            assert result.returncode == 0, result.stderr
+            with out.open() as f:
+                results[suffix] = {row["path"]: row for row in csv.DictReader(f)}
+        assert len(results[".pt"]) == 12 and results[".onnx"].keys() == results[".pt"].keys()
+        for path, row in results[".onnx"].items():
+            reference = results[".pt"][path]
+            assert [row[f"class_{r}"] for r in (1, 2, 3)] == [reference[f"class_{r}"] for r in (1, 2, 3)]
+            for r in (1, 2, 3):
+                assert float(row[f"probability_{r}"]) == pytest.approx(float(reference[f"probability_{r}"]), abs=1e-5)
+    # Metrics for `dvc metrics show`, the ONNX files as DVC outputs (cached, not in git).
+    shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
+    assert any("metrics/export/flexible.json" in str(entry) for entry in shown.values())
+    assert "models/flexible.onnx" not in project.git("ls-files", "models").stdout
+
+
 def test_second_repro_finds_everything_up_to_date(project: Project):
     out = project.dvc("repro").stdout
     assert "Running stage" not in out
@@ -95,6 +127,7 @@ def test_second_repro_finds_everything_up_to_date(project: Project):
     ("source", "stages"),
     [
         ("src/inatpipe/training/precision.py", {"features", "train_flexible", "train_resnet", "evaluate"}),
+        ("src/inatpipe/evaluation/export.py", {"export"}),
         ("src/inatpipe/sweep/report.py", set()),
     ],
 )
@@ -171,3 +204,36 @@ def test_a_one_key_smoke_experiment_runs_and_retrains_only_what_it_changes(proje
     assert {k: params_diff["params.yaml"]["train.epochs"][k] for k in ("old", "new")} == {"old": 2, "new": 1}
     rows = list(csv.DictReader(io.StringIO(project.dvc("exp", "show", "--csv").stdout)))
     assert {row["train.epochs"] for row in rows} >= {"1", "2"}
+
+
+def test_dvc_artifacts_get_fetches_a_registered_model_through_a_second_clone(project: Project, tmp_path: Path):
+    """The models are DVC artifacts: with a DVC remote and a version registered (a GTO tag, `gto register`), `dvc
+    artifacts get <repository> flexible` fetches the checkpoint from a clone whose cache is empty, so it came from
+    the remote. (Last in this module: it adds a remote, a commit and a tag to the shared project.)"""
+    artifacts = yaml.safe_load((project.root / "dvc.yaml").read_text())["artifacts"]
+    assert {name: (a["type"], a["path"]) for name, a in artifacts.items()} == {
+        "flexible": ("model", "models/flexible.pt"),
+        "resnet": ("model", "models/resnet.pt"),
+    }
+    project.dvc("remote", "add", "-d", "store", str(tmp_path / "dvc-remote"))
+    project.git("add", ".dvc/config")
+    project.git("commit", "-qm", "a DVC remote")
+    project.dvc("push", "-q", "--all-commits")  # an experiment may have left other outputs in the workspace
+    project.run("gto", "register", "flexible", "--version", "v1.0.0")
+    clone = tmp_path / "clone"
+    project.run("git", "clone", "-q", str(project.root), str(clone))
+    assert not (clone / ".dvc" / "cache").exists() and not (clone / "models").exists()
+
+    fetched = tmp_path / "fetched" / "flexible.pt"
+    fetched.parent.mkdir()
+    result = project.run(
+        sys.executable, "-m", "dvc", "artifacts", "get", str(clone), "flexible", "-o", str(fetched), check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lock = yaml.safe_load(project.git("show", "flexible@v1.0.0:dvc.lock").stdout)
+    expected = next(
+        out["md5"] for out in lock["stages"]["train_flexible"]["outs"] if out["path"] == "models/flexible.pt"
+    )
+    assert hashlib.md5(fetched.read_bytes()).hexdigest() == expected
+    model, meta = load_checkpoint(fetched)
+    assert meta["classes"] == ["cat", "dog", "owl"] and meta["model_name"] == "flexible_cnn"

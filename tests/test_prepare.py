@@ -16,9 +16,9 @@ from torchvision.transforms import v2
 
 from inatpipe.cores import loader_workers, usable_cores
 from inatpipe.data.dataset import NormalizedLoader, make_loader
-from inatpipe.data.images import open_rgb
+from inatpipe.data.images import decode, open_rgb, prepared_side
 from inatpipe.data.index import scan_folder
-from inatpipe.data.prepared import PreparedDataset, decode, prepare, prepared_side, read_meta
+from inatpipe.data.prepared import PreparedDataset, prepare, read_meta
 from inatpipe.data.transforms import BatchAugment, BatchResize
 from inatpipe.errors import ConfigError, UserError
 from inatpipe.params import parse_params

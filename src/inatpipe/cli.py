@@ -1,12 +1,12 @@
-"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters, explain,
-serve), finding a learning rate (lr-find), and running and reporting sweeps. (The pipeline itself runs through
-`dvc repro`.)"""
+"""The `inatpipe` command: getting data into data/, using a trained checkpoint (predict, inspect, filters, export,
+explain, serve), finding a learning rate (lr-find), and running and reporting sweeps. (The pipeline itself runs
+through `dvc repro`.) Each command imports what it needs when it runs: `predict` from an .onnx file never loads
+torch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 
 from inatpipe.errors import UserError, exit_on_user_error
@@ -58,20 +58,11 @@ def _load(model: Path, device: str = "cpu"):
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from inatpipe.evaluation.predict import collect_images, format_prediction, predict_files, write_csv
+    from inatpipe.evaluation.predictor import load_predictor
 
-    model, meta, device = _load(args.model, args.device)
+    predictor = load_predictor(args.model, args.device, args.precision, tta=args.tta, calibrate=args.calibrate)
     files = collect_images(args.inputs)
-    predictions = predict_files(
-        model,
-        meta,
-        files,
-        args.top_k,
-        args.batch_size,
-        device,
-        args.precision,
-        tta=args.tta,
-        calibrate=args.calibrate,
-    )
+    predictions = predict_files(predictor, files, args.top_k, args.batch_size)
     for pred in predictions:
         print(format_prediction(pred))
     skipped = len(files) - len(predictions)
@@ -80,6 +71,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"wrote {len(predictions)} rows to {args.csv}", file=sys.stderr)
     if skipped:
         print(f"{skipped} of {len(files)} files skipped (not readable images)", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from inatpipe.evaluation.export import export_checkpoint
+
+    done = export_checkpoint(args.model, args.format, args.out)
+    parity = done.parity
+    print(
+        f"wrote {done.path} ({done.format}, {done.size_bytes / 1e6:.1f} MB); against torch on {parity.images} random "
+        f"inputs: same top-1, largest logit difference {parity.max_abs_logit_diff:.2g}"
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -186,8 +188,21 @@ def cmd_sweep_report(args: argparse.Namespace) -> None:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    from inatpipe.sweep.space import SPACE_FILE
-    from inatpipe.sweep.study import DEFAULT_DB, DEFAULT_STUDY, PRUNERS, SAMPLERS
+    try:
+        from inatpipe.sweep.space import SPACE_FILE
+        from inatpipe.sweep.study import DEFAULT_DB, DEFAULT_STUDY, PRUNERS, SAMPLERS
+    except ImportError as e:  # an install for predictions from ONNX files only (docs/export.md): no Optuna, no PyYAML
+        missing = e.name
+
+        def unavailable(args: argparse.Namespace) -> None:
+            raise UserError(
+                f"`inatpipe sweep` needs {missing}, which is not installed; install inatpipe with its dependencies"
+            )
+
+        stub = sub.add_parser("sweep", help=f"hyperparameter search (needs {missing}: not installed)")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+        stub.set_defaults(func=unavailable)
+        return
 
     sweep = sub.add_parser("sweep", help="hyperparameter search (Optuna) as DVC experiments, and its reports")
     commands = sweep.add_subparsers(dest="sweep_command", required=True)
@@ -256,7 +271,6 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from inatpipe.data.fetch import INATURALIST_URL
-    from inatpipe.params.evaluate import Tta
 
     p = argparse.ArgumentParser(prog="inatpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,23 +295,33 @@ def parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
 
     model_help = "a checkpoint written by the pipeline, e.g. models/flexible.pt"
-    predict = sub.add_parser("predict", help="top-k classes for image files or folders, from a checkpoint alone")
-    predict.add_argument("--model", type=Path, required=True, help=model_help)
+    predict = sub.add_parser("predict", help="top-k classes for image files or folders, from a model file alone")
+    predict.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help=f"{model_help}, or a file exported from one: .onnx (runs on onnxruntime, without torch) or .ts",
+    )
     predict.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
     predict.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
     predict.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    predict.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="for a checkpoint (exported files run on the CPU); default: auto",
+    )
     predict.add_argument(
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="autocast of the forward pass, as evaluate.precision (default: auto)",
+        help="autocast of a checkpoint's forward pass, as evaluate.precision (exported files: fp32); default: auto",
     )
     predict.add_argument(
         "--tta",
         default="none",
-        choices=typing.get_args(Tta),
+        choices=("none", "hflip"),  # evaluate.tta's values; importing params would load PyYAML, which .onnx needs not
         help="test-time augmentation, as evaluate.tta: hflip averages each image's and its mirror's probabilities "
         "(default: none)",
     )
@@ -308,6 +332,15 @@ def parser() -> argparse.ArgumentParser:
         help="plain softmax probabilities, without the temperature stored in the checkpoint",
     )
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export", help="a checkpoint as an ONNX or TorchScript file that carries its classes and normalisation"
+    )
+    export.add_argument("--model", type=Path, required=True, help=model_help)
+    # Checked by the command, not by argparse, so that a wrong value is one line like every other error.
+    export.add_argument("--format", default="onnx", help="onnx | torchscript (default: onnx)")
+    export.add_argument("--out", type=Path, help="file to write (default: beside the checkpoint, .onnx or .ts)")
+    export.set_defaults(func=cmd_export)
 
     inspect = sub.add_parser("inspect", help="architecture, per-layer output shapes and parameter counts")
     inspect.add_argument("--model", type=Path, required=True, help=model_help)

@@ -17,6 +17,14 @@ def checkpoint(model: str) -> Path:
     return MODELS_DIR / f"{model}.pt"
 
 
+def onnx_model(model: str) -> Path:
+    return MODELS_DIR / f"{model}.onnx"
+
+
+def export_metrics(model: str) -> Path:
+    return METRICS_DIR / "export" / f"{model}.json"
+
+
 def train_metrics_dir(model: str) -> Path:
     return METRICS_DIR / f"train_{model}"
 

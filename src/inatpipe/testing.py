@@ -29,6 +29,8 @@ STAGES = (
     "train_resnet",
     "evaluate@flexible",
     "evaluate@resnet",
+    "export@flexible",
+    "export@resnet",
     "compare",
 )
 

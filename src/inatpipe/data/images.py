@@ -1,7 +1,9 @@
-"""Opening any image file as the 8-bit RGB picture a person would see: the one place images are decoded."""
+"""Opening any image file as the 8-bit RGB picture a person would see: the one place images are decoded, and the
+prepared square every later step starts from. No torch here: predictions from an ONNX file read images through it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +21,8 @@ WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # What decoding raises for a file that is no readable image: not an image (UnidentifiedImageError, an OSError),
 # truncated or corrupt (OSError, ValueError, SyntaxError from some plugins), or a decompression bomb.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Short side over training size: 256/224, the ratio ImageNet recipes resize to before a 224 crop.
+SIDE_RATIO = 256 / 224
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -56,3 +60,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def prepared_side(image_size: int) -> int:
+    return math.ceil(SIDE_RATIO * image_size)
+
+
+def decode(img: Image.Image, side: int) -> np.ndarray:
+    """An opened RGB image resized to side x side (antialiased bilinear), as an (side, side, 3) uint8 array."""
+    return np.array(img.resize((side, side), Image.Resampling.BILINEAR))
+
+
+def prepare_image(path: str | Path | BinaryIO, image_size: int) -> np.ndarray:
+    """One image file as `prepare` stores it for `image_size`: decoded by `open_rgb` (a JPEG at reduced scale) and
+    resized to the prepared square. Predictions on files go through this, so they see what evaluation saw."""
+    side = prepared_side(image_size)
+    return decode(open_rgb(path, draft_size=(side, side)), side)

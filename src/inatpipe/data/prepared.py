@@ -11,44 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open, write_json
 from inatpipe.data.dataset import make_loader
-from inatpipe.data.images import open_rgb
+from inatpipe.data.images import prepare_image, prepared_side
 from inatpipe.errors import UserError
 
 SUBSETS = ("train", "val", "test")
 META = "meta.json"
-# Short side over training size: 256/224, the ratio ImageNet recipes resize to before a 224 crop.
-SIDE_RATIO = 256 / 224
-
-
-def prepared_side(image_size: int) -> int:
-    return math.ceil(SIDE_RATIO * image_size)
-
-
-def decode(img: Image.Image, side: int) -> np.ndarray:
-    """An opened RGB image resized to side x side (antialiased bilinear), as an (side, side, 3) uint8 array."""
-    return np.array(img.resize((side, side), Image.Resampling.BILINEAR))
-
-
-def prepare_image(path: str | Path | BinaryIO, image_size: int) -> np.ndarray:
-    """One image file as `prepare` stores it for `image_size`: decoded by `open_rgb` (a JPEG at reduced scale) and
-    resized to the prepared square. Predictions on files go through this, so they see what evaluation saw."""
-    side = prepared_side(image_size)
-    return decode(open_rgb(path, draft_size=(side, side)), side)
 
 
 class IndexImages(Dataset):

@@ -20,12 +20,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from inatpipe.checkpoint import load_checkpoint
-from inatpipe.data.images import DECODE_ERRORS, open_rgb
-from inatpipe.data.prepared import prepare_image
+from inatpipe.checkpoint import load_checkpoint, temperature_of
+from inatpipe.data.images import DECODE_ERRORS, open_rgb, prepare_image
 from inatpipe.errors import UserError
 from inatpipe.evaluation.figures import gradcam_grid, gradcam_selection, save_figure
-from inatpipe.evaluation.predict import class_probabilities, model_input
+from inatpipe.evaluation.predict import model_input
 from inatpipe.models.flexible_cnn import FlexibleCNN
 from inatpipe.models.resnet import TransferResNet
 from inatpipe.training.precision import autocast
@@ -93,6 +92,12 @@ def display_image(img: Image.Image, side: int = DISPLAY_SIDE) -> np.ndarray:
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     method = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BILINEAR
     return np.asarray(img.resize(size, method))
+
+
+def class_probabilities(logits: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Softmax of a checkpoint's logits in float64 at its temperature (1 for a checkpoint without one), as
+    `inatpipe predict` gives them."""
+    return (logits.double() / temperature_of(meta)).softmax(1)
 
 
 class Explainer:

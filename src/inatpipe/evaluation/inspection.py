@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # a bare Figure draws on Agg: no pyplot, n
 from torch import nn
 from torch.nn.modules import activation as activations
 
-from inatpipe.data.prepared import prepare_image
+from inatpipe.data.images import prepare_image
 from inatpipe.data.transforms import BatchResize
 from inatpipe.errors import UserError
 from inatpipe.evaluation.figures import save_figure

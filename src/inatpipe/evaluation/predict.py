@@ -1,9 +1,10 @@
-"""Top-k predictions for image files and folders, from a checkpoint alone (classes and normalisation travel inside).
+"""Top-k predictions for image files and folders, from a model file alone: a checkpoint, or an exported ONNX or
+TorchScript file (classes and normalisation travel inside; `predictor.load_predictor` reads each kind).
 
 Each file is read as the pipeline reads it (`prepare_image`: one decoder, the prepared square) and resized and
-normalised as the evaluate stage's loader does, and its probabilities calibrated with the checkpoint's temperature
+normalised as the evaluate stage's loader does, and its probabilities calibrated with the model's temperature
 (and averaged over test-time views) as evaluate calibrates them, so an image of the test set gets the prediction
-evaluate gave it.
+evaluate gave it. Nothing here imports torch at import time: predictions from an ONNX file run without it.
 """
 
 from __future__ import annotations
@@ -15,21 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
 from inatpipe.atomic import atomic_open
-from inatpipe.checkpoint import temperature_of
-from inatpipe.data.dataset import channel_tensor, normalize
-from inatpipe.data.images import DECODE_ERRORS
-from inatpipe.data.prepared import prepare_image
-from inatpipe.data.transforms import BatchResize
+from inatpipe.data.images import DECODE_ERRORS, prepare_image
 from inatpipe.errors import UserError
-from inatpipe.evaluation.tta import view_logits
-from inatpipe.training.calibration import calibrated_logits
-from inatpipe.training.precision import autocast
+from inatpipe.evaluation.predictor import Predictor
+from inatpipe.evaluation.predictor import model_input as model_input  # where inspection and others import it
 
 
 @dataclass(frozen=True)
@@ -69,21 +63,6 @@ def read_image(path: Path, image_size: int) -> np.ndarray | None:
         return None
 
 
-def model_input(images: Sequence[np.ndarray], meta: dict, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Prepared images (each (side, side, 3) uint8) as the model's input batch: resized to its image size and
-    normalised with its statistics on `device`, exactly as the evaluate stage's loader gives them."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    x = BatchResize(meta["image_size"])(x).to(device)
-    norm = meta["normalization"]
-    return normalize(x, channel_tensor(norm["mean"], x.device), channel_tensor(norm["std"], x.device))
-
-
-def class_probabilities(logits: torch.Tensor, meta: dict, calibrate: bool = True) -> torch.Tensor:
-    """Softmax of a model's logits in float64, at the checkpoint's temperature (1 for a checkpoint without one, or
-    with `calibrate` off): how `explain` and `serve` turn logits into probabilities, as `predict` does."""
-    return calibrated_logits([logits.double()], temperature_of(meta) if calibrate else 1.0).softmax(1)
-
-
 def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
     paths, images = [], []
     for path in files:
@@ -99,41 +78,23 @@ def _batches(files: Iterable[Path], image_size: int, batch_size: int) -> Iterato
         yield paths, images
 
 
-@torch.no_grad()
 def predict_files(
-    model: nn.Module,
-    meta: dict,
-    files: Sequence[Path],
-    top_k: int = 3,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    precision: str = "auto",
-    *,
-    tta: str = "none",
-    calibrate: bool = True,
+    predictor: Predictor, files: Sequence[Path], top_k: int = 3, batch_size: int = 64
 ) -> list[Prediction]:
-    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning. `precision`
-    autocasts the forward pass as `evaluate.precision` does (auto: bf16 where the device computes it natively);
-    `tta` and `calibrate` are evaluate.tta and evaluate.calibrate: the probabilities averaged over the image and its
-    mirror, at the checkpoint's temperature."""
+    """Top-k classes per readable file, in the order given; unreadable files are skipped with a warning."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    classes = meta["classes"]
+    classes = predictor.classes
     k = min(top_k, len(classes))
-    temperature = temperature_of(meta) if calibrate else 1.0
-    device = torch.device(device)
-    model.eval()
     out = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None, leave=False)
-    for paths, images in _batches(files, meta["image_size"], batch_size):
-        with autocast(device, precision):
-            views = view_logits(model, model_input(images, meta, device), tta)
-        probs = calibrated_logits([v.double() for v in views], temperature).softmax(1).cpu()
-        values, indices = probs.topk(k, dim=1)
-        for path, p, i in zip(paths, values.tolist(), indices.tolist(), strict=True):
-            out.append(Prediction(path, [(classes[c], prob) for c, prob in zip(i, p, strict=True)]))
+    for paths, images in _batches(files, predictor.image_size, batch_size):
+        probs = predictor.probabilities(images)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # most probable first; ties: the lower index
+        for path, p, order in zip(paths, probs, top, strict=True):
+            out.append(Prediction(path, [(classes[c], float(p[c])) for c in order]))
         bar.update(len(paths))
     bar.close()
     return out

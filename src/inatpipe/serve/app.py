@@ -27,6 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from inatpipe.data.images import DECODE_ERRORS
 from inatpipe.errors import UserError
 from inatpipe.evaluation.explain import Explainer, overlay_png, read_upload
+from inatpipe.evaluation.model_info import ONNX_SUFFIX, TORCHSCRIPT_SUFFIX
+from inatpipe.evaluation.predictor import load_predictor
 
 # A phone photo is 2-8 MB; 10 MiB leaves room and keeps a stray upload of a video from filling memory or disk.
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -52,8 +54,8 @@ class Predictor(Protocol):
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Predictor, Explainer | None]:
     """The model file to serve: (its predictor, its Grad-CAM explainer or None when the file can't give one)."""
-    if path.suffix == ".onnx":
-        raise UserError(f"{path}: serving an .onnx file needs ONNX export support; serve the .pt checkpoint")
+    if path.suffix.lower() in (ONNX_SUFFIX, TORCHSCRIPT_SUFFIX):  # exported files: predictions, no Grad-CAM
+        return load_predictor(path, "cpu"), None
     explainer = Explainer.from_checkpoint(path, device)
     return explainer, explainer
 
