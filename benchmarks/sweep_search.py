@@ -1,6 +1,6 @@
-"""Search strategies side by side on Fashion-MNIST: random search, TPE, and TPE + median pruning, on the same
-search space with the same number of trials, over several seeds. Prints each strategy's best validation accuracy
-and the epochs it trained, and TPE + pruning against random search as ratios.
+"""Search strategies side by side on Fashion-MNIST: random search, TPE, and TPE + pruning (successive halving;
+median and Hyperband on request), on the same search space with the same number of trials, over several seeds.
+Prints each strategy's best validation accuracy and the epochs it trained, and each against random search as ratios.
 
 A stratified subset of Fashion-MNIST's training images (the test set is never used) is written as an
 iNaturalist-layout folder and taken into a temporary git + DVC copy of the project (`inatpipe data fetch`, then
@@ -11,8 +11,8 @@ What it leaves out is each trial's `dvc exp run` process and its start-up (about
 changes no epoch count.
 
     apt-get install -y dataset-fashion-mnist
-    .venv/bin/python benchmarks/sweep_search.py                 # 3 seeds x 3 strategies x 12 trials, ~40 min
-    .venv/bin/python benchmarks/sweep_search.py --seeds 1 --trials 6 --train 600    # a quick look
+    PYTHONPATH=src .venv/bin/python benchmarks/sweep_search.py --train 1000 --strategies random,tpe,tpe+asha
+    PYTHONPATH=src .venv/bin/python benchmarks/sweep_search.py --seeds 1 --trials 6 --train 600    # a quick look
 """
 
 from __future__ import annotations
