@@ -200,14 +200,9 @@ def test_bad_residual_value_stops_training_in_one_line(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.parametrize(
-    ("line", "bad", "message"),
-    [
-        ("tta: none", "tta: vflip", "evaluate.tta must be one of none, hflip, got 'vflip'"),
-        ("calibrate: true", "calibrate: maybe", "evaluate.calibrate must be true or false, got 'maybe'"),
-    ],
-)
-def test_evaluate_reports_a_bad_tta_or_calibrate_in_one_line(tmp_path: Path, line: str, bad: str, message: str):
+def test_evaluate_reports_a_bad_tta_in_one_line(tmp_path: Path):
+    """The stage itself, once (a bad evaluate.calibrate is in the table of bad values above, read in-process)."""
+    line, bad, message = "tta: none", "tta: vflip", "evaluate.tta must be one of none, hflip, got 'vflip'"
     text = (ROOT / "params.yaml").read_text()
     assert line in text
     (tmp_path / "params.yaml").write_text(text.replace(line, bad, 1))
