@@ -131,14 +131,7 @@ SLOWEST_FIRST = (
     "test_sweep_postgres",
     "test_distributed",
     "test_resume",
-    "test_export",
-    "test_dvc_yaml",
-    "test_stages",
-    "test_lr_find",
-    "test_serve",
-    "test_calibration",
     "test_recipe",
-    "test_explain",
     "test_data",
 )
 
