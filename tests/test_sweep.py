@@ -3,8 +3,12 @@ Optuna distributions that give back valid params, bad input is one line; the rep
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import optuna
 import pytest
 import yaml
 
+from inatpipe.dvc_cli import TEMP_RUNS, clear_dead_temp_runs
 from inatpipe.errors import UserError
 from inatpipe.params import parse_params, read_raw
 from inatpipe.sweep.report import build_report
@@ -271,3 +276,17 @@ def test_workers_sharing_a_sqlite_study_never_take_the_same_queued_trial(tmp_pat
     for t in threads:
         t.join()
     assert sorted(taken) == list(range(24))  # each queued trial taken once, none twice
+
+
+def test_a_dead_temp_run_without_its_executor_file_is_cleared_and_live_ones_stay(tmp_path: Path):
+    """What a sweep worker killed mid-trial can leave: run/<rev>/<rev>.json of a dead process and no <rev>.run."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    runs = tmp_path / TEMP_RUNS
+    for name, pid, executor in (("dead", int(dead.stdout), False), ("live", os.getpid(), False), ("done", 1, True)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / f"{name}.json").write_text(json.dumps({"pid": pid}))
+        if executor:
+            (runs / name / f"{name}.run").write_text("{}")
+    assert clear_dead_temp_runs(tmp_path) == ["dead"]
+    assert sorted(p.name for p in runs.iterdir()) == ["done", "live"]
+    assert clear_dead_temp_runs(tmp_path / "elsewhere") == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -101,3 +102,38 @@ def stage_inputs(stage: str, raw_params: dict, dvc_yaml: Path = DVC_YAML) -> tup
     """What dvc.yaml declares `stage` depends on: (deps, params keys)."""
     spec = stage_spec(stage, raw_params, dvc_yaml)
     return list(spec.get("deps") or []), [str(key) for key in spec.get("params") or []]
+
+
+# Where DVC keeps a running `dvc exp run --temp`: run/<rev>/ holds <rev>.json (its process) and <rev>.run (its
+# executor). A run killed with SIGKILL after DVC removed the .run file leaves the folder behind, and every later
+# `dvc exp show` then fails reading that missing file.
+TEMP_RUNS = Path(".dvc/tmp/exps/standalone/run")
+
+
+def clear_dead_temp_runs(root: Path = Path(".")) -> list[str]:
+    """Remove the folders of temporary experiments that lost their executor file and whose process is gone (what a
+    sweep worker killed mid-trial can leave); returns their names. Live or starting runs are left alone."""
+    cleared = []
+    folder = root / TEMP_RUNS
+    for run in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if (run / f"{run.name}.run").exists() or _alive(run / f"{run.name}.json"):
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        cleared.append(run.name)
+    return cleared
+
+
+def _alive(process_file: Path) -> bool:
+    try:
+        pid = json.loads(process_file.read_text()).get("pid")
+    except (OSError, ValueError):
+        return False
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from inatpipe.atomic import write_text
-from inatpipe.dvc_cli import run_dvc
+from inatpipe.dvc_cli import clear_dead_temp_runs, run_dvc
 from inatpipe.errors import UserError
 from inatpipe.sweep.space import format_value
 
@@ -233,6 +233,7 @@ def to_markdown(
 
 def read_exp_show(all_commits: bool = False) -> list[dict]:
     args = ["exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    clear_dead_temp_runs()  # what a killed sweep worker left would make `dvc exp show` fail
     out = run_dvc(*args).stdout
     try:
         return json.loads(out)

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from inatpipe.cores import THREADS_ENV, usable_cores
-from inatpipe.dvc_cli import run_dvc
+from inatpipe.dvc_cli import clear_dead_temp_runs, run_dvc
 from inatpipe.errors import UserError
 from inatpipe.params import parse_params, read_raw
 from inatpipe.params.sweep import STUDY_NAME
@@ -366,6 +366,7 @@ def run_sweep(run: SweepRun) -> tuple[optuna.Study, Counter]:
         raise UserError("run `inatpipe sweep run` from the project root: a git repository with dvc.yaml")
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True).returncode != 0:
         raise UserError("the repository has no commit yet; DVC experiments start from a commit: commit first")
+    clear_dead_temp_runs()  # a worker killed mid-trial may have left one that breaks `dvc exp show`
     sweep.open()
     counts = sweep.execute()
     return sweep.study, counts
