@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from inatpipe.checkpoint import ModelSpec, save_checkpoint
 from inatpipe.data.dataset import NormalizedLoader, make_loader
 from inatpipe.data.index import scan_folder
 from inatpipe.data.prepared import PreparedDataset, prepare
 from inatpipe.data.transforms import BatchAugment, BatchResize
+from inatpipe.models import build_model
+from inatpipe.runtime import seed_everything
+from inatpipe.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +155,21 @@ def pytest_collection_modifyitems(items: list) -> None:
         return SLOWEST_FIRST.index(module) if module in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
     items.sort(key=rank)  # stable: within a module, tests keep their order
+
+
+def trained_checkpoint(root: Path, classes: list[str], config: dict) -> Path:
+    """FlexibleCNN (`config`) trained for a few epochs on colour-coded `classes` (written under root/train), saved as
+    the pipeline saves it at root/flexible.pt."""
+    generator = seed_everything(0)
+    loader = folder_loader(
+        write_image_folder(root / "train", classes=tuple(classes), per_class=10),
+        classes,
+        shuffle=True,
+        generator=generator,
+    )
+    model = build_model("flexible_cnn", len(classes), config)
+    for _ in fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loader, 6, torch.device("cpu")):
+        pass
+    path = root / "flexible.pt"
+    save_checkpoint(path, ModelSpec("flexible_cnn", config, classes, 16, MEAN, STD), model.state_dict())
+    return path

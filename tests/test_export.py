@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from inatpipe import torchfile
-from inatpipe.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from inatpipe.checkpoint import load_checkpoint
 from inatpipe.cli import main
 from inatpipe.data import pixels
 from inatpipe.data.index import scan_folder
@@ -29,11 +29,8 @@ from inatpipe.evaluation.export import measure_parity, onnx_runner, prepared_tes
 from inatpipe.evaluation.model_info import ModelInfo
 from inatpipe.evaluation.predict import model_input
 from inatpipe.evaluation.predictor import load_predictor
-from inatpipe.models import build_model
-from inatpipe.runtime import seed_everything
-from inatpipe.training.loop import fit
 
-from .conftest import MEAN, STD, folder_loader, write_image_folder
+from .conftest import MEAN, STD, trained_checkpoint, write_image_folder
 from .imports import SRC
 from .test_predict_inspect import run_main
 
@@ -46,14 +43,7 @@ TEMPERATURE = 1.5  # as post-hoc temperature scaling stores it: a top-level key 
 def checkpoint(tmp_path_factory) -> Path:
     """FlexibleCNN trained for a few epochs on three colour-coded classes, saved as the pipeline saves it, with a
     calibration temperature."""
-    root = tmp_path_factory.mktemp("trained")
-    generator = seed_everything(0)
-    loader = folder_loader(write_image_folder(root / "train", per_class=10), CLASSES, shuffle=True, generator=generator)
-    model = build_model("flexible_cnn", len(CLASSES), CONFIG)
-    for _ in fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loader, 6, torch.device("cpu")):
-        pass
-    path = root / "flexible.pt"
-    save_checkpoint(path, ModelSpec("flexible_cnn", CONFIG, CLASSES, 16, MEAN, STD), model.state_dict())
+    path = trained_checkpoint(tmp_path_factory.mktemp("trained"), CLASSES, CONFIG)
     torchfile.save({**torchfile.load(path, what="checkpoint", fix=""), "temperature": TEMPERATURE}, path)
     return path
 

@@ -17,9 +17,8 @@ from inatpipe.cli import main
 from inatpipe.evaluation.inspection import describe, guided_backprop, layer_table
 from inatpipe.models import build_model
 from inatpipe.runtime import seed_everything
-from inatpipe.training.loop import fit
 
-from .conftest import MEAN, STD, folder_loader, write_image_folder
+from .conftest import MEAN, STD, trained_checkpoint, write_image_folder
 from .stages import inatpipe
 
 CONFIG = {"image_size": 16, "num_filters": (8, 16), "dense_neurons": 32, "dropout": 0.0}
@@ -29,14 +28,7 @@ CLASSES = ["cat", "dog", "owl"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """FlexibleCNN trained for a few epochs on three colour-coded classes, saved as the pipeline saves it."""
-    root = tmp_path_factory.mktemp("trained")
-    generator = seed_everything(0)
-    loader = folder_loader(write_image_folder(root / "train", per_class=10), CLASSES, shuffle=True, generator=generator)
-    model = build_model("flexible_cnn", len(CLASSES), CONFIG)
-    for _ in fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loader, 6, torch.device("cpu")):
-        pass
-    path = root / "flexible.pt"
-    save_checkpoint(path, ModelSpec("flexible_cnn", CONFIG, CLASSES, 16, MEAN, STD), model.state_dict())
+    path = trained_checkpoint(tmp_path_factory.mktemp("trained"), CLASSES, CONFIG)
     return path
 
 

@@ -18,19 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from inatpipe.checkpoint import ModelSpec, save_checkpoint
 from inatpipe.cli import main
-from inatpipe.models import build_model
-from inatpipe.runtime import seed_everything
 from inatpipe.serve.app import MAX_UPLOAD_BYTES
 from inatpipe.testing import ServerProcess, http, post_file
-from inatpipe.training.loop import fit
 
 from .browser import chromium, render_live
-from .conftest import MEAN, ROOT, STD, folder_loader, write_image_folder
+from .conftest import ROOT, trained_checkpoint, write_image_folder
 from .test_predict_inspect import run_main
 
 pytestmark = pytest.mark.xdist_group("serve")  # one server for the module, on one worker
@@ -46,18 +41,6 @@ class Server:
     checkpoint: Path
     images: list[Path]  # new images of the trained classes
     expected: dict[str, tuple[list[str], list[float]]]  # key(image) -> `inatpipe predict`'s top-3 and probabilities
-
-
-def trained_checkpoint(root: Path) -> Path:
-    """FlexibleCNN trained for a few epochs on three colour-coded classes, saved as the pipeline saves it."""
-    generator = seed_everything(0)
-    loader = folder_loader(write_image_folder(root / "train", per_class=10), CLASSES, shuffle=True, generator=generator)
-    model = build_model("flexible_cnn", len(CLASSES), CONFIG)
-    for _ in fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), loader, loader, 6, torch.device("cpu")):
-        pass
-    path = root / "flexible.pt"
-    save_checkpoint(path, ModelSpec("flexible_cnn", CONFIG, CLASSES, 16, MEAN, STD), model.state_dict())
-    return path
 
 
 def key(path: Path) -> str:
@@ -82,7 +65,7 @@ def predicted_by_the_cli(checkpoint: Path, folder: Path, out: Path) -> dict[str,
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("serve")
-    checkpoint = trained_checkpoint(root)
+    checkpoint = trained_checkpoint(root, CLASSES, CONFIG)
     running = ServerProcess(checkpoint, root / "server.log", ROOT / "src")
     try:
         folder = write_image_folder(root / "new", per_class=3, seed=7, ext=".jpg")

@@ -159,10 +159,9 @@ class Optimization:
             batch_mixer(recipe, num_classes),
         )
 
-    @property
-    def kept(self) -> Callable[[nn.Module], nn.Module]:
-        """The weights of a model that are validated and saved: the average with `ema`, else the model's own."""
-        return (lambda model: model) if self.ema is None else (lambda model: self.ema.counterpart(model))
+    def kept(self, module: nn.Module) -> nn.Module:
+        """The weights of `module` that are validated and saved: its average with `ema`, else its own."""
+        return module if self.ema is None else self.ema.counterpart(module)
 
 
 def train_with_recipe(
