@@ -116,24 +116,17 @@ def clear_dead_temp_runs(root: Path = Path(".")) -> list[str]:
     cleared = []
     folder = root / TEMP_RUNS
     for run in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if (run / f"{run.name}.run").exists() or _alive(run / f"{run.name}.json"):
+        if (run / f"{run.name}.run").exists() or _recorded_process_alive(run / f"{run.name}.json"):
             continue
         shutil.rmtree(run, ignore_errors=True)
         cleared.append(run.name)
     return cleared
 
 
-def _alive(process_file: Path) -> bool:
+def _recorded_process_alive(process_file: Path) -> bool:
+    """Whether the process a DVC process-info file (<rev>.json) names is still running."""
     try:
         pid = json.loads(process_file.read_text()).get("pid")
     except (OSError, ValueError):
         return False
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+    return isinstance(pid, int) and _alive(pid)
