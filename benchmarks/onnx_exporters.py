@@ -1,5 +1,6 @@
-"""CPU seconds of torch's two ONNX exporters on the test suite's small models: the default, torch.export-based one
-(`dynamo=True`, what `inatpipe export` and the export stage use) and the deprecated TorchScript-based one.
+"""CPU seconds of torch's two ONNX exporters on the test suite's small models: torch's default, torch.export-based one
+(`dynamo=True`) and the deprecated TorchScript-based one (`dynamo=False`, what `evaluate.onnx_exporter: auto` picks
+while torch ships it).
 
 Each exporter runs in a fresh process, so its first export pays the one-off set-up a stage pays. CPU time, not wall
 time: the figure holds on a machine shared with other work.

@@ -50,13 +50,20 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
-    """The checkpoint exported by the command, once per format: ONNX beside it (the default path), TorchScript to
-    a path of its own."""
-    out = {"onnx": checkpoint.with_suffix(".onnx"), "torchscript": tmp_path_factory.mktemp("ts") / "model.ts"}
-    for fmt, path in out.items():
-        args = ["export", "--model", str(checkpoint), "--format", fmt]
-        if fmt == "torchscript":
+    """The checkpoint exported by the command: ONNX beside it (the default path and exporter, auto: torchscript
+    here), ONNX by the dynamo exporter and TorchScript to paths of their own."""
+    folder = tmp_path_factory.mktemp("exported")
+    out = {
+        "onnx": checkpoint.with_suffix(".onnx"),
+        "onnx-dynamo": folder / "dynamo.onnx",
+        "torchscript": folder / "model.ts",
+    }
+    for name, path in out.items():
+        args = ["export", "--model", str(checkpoint), "--format", name.split("-")[0]]
+        if name != "onnx":
             args += ["--out", str(path)]
+        if name == "onnx-dynamo":
+            args += ["--exporter", "dynamo"]
         main(args)
         assert path.is_file()
     return out
@@ -68,17 +75,22 @@ def torch_logits(checkpoint: Path, x: torch.Tensor) -> np.ndarray:
         return model(x).numpy()
 
 
-def test_onnx_file_carries_the_metadata_and_takes_any_batch_size(checkpoint: Path, exported: dict[str, Path]):
-    proto = onnx.load(str(exported["onnx"]))
+@pytest.mark.parametrize(("name", "opset"), [("onnx", 17), ("onnx-dynamo", 18)])
+def test_onnx_file_carries_the_metadata_and_takes_any_batch_size(
+    checkpoint: Path, exported: dict[str, Path], name: str, opset: int
+):
+    """From either exporter (the TorchScript-based one writes opset 17; dynamo a newer one)."""
+    proto = onnx.load(str(exported[name]))
     onnx.checker.check_model(proto)
+    assert {o.domain: o.version for o in proto.opset_import}[""] >= opset
     props = {p.key: p.value for p in proto.metadata_props}
-    info = ModelInfo.of_metadata(props, exported["onnx"])
+    info = ModelInfo.of_metadata(props, exported[name])
     assert info == ModelInfo("flexible_cnn", CLASSES, 16, MEAN, STD, TEMPERATURE)
     assert json.loads(props["classes"]) == CLASSES and json.loads(props["temperature"]) == TEMPERATURE
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param and not batch.HasField("dim_value")  # a named, free batch dimension
 
-    session = onnxruntime.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(exported[name]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"] and session.get_outputs()[0].name == "logits"
     for n in (1, 5):
         x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
@@ -252,6 +264,7 @@ def test_export_reports_bad_input_in_one_line(checkpoint: Path, tmp_path: Path, 
     model = str(checkpoint)
     for args, message in (
         (("--model", model, "--format", "tflite"), "unknown format 'tflite'; choose one of onnx, torchscript"),
+        (("--model", model, "--exporter", "jit"), "unknown ONNX exporter 'jit'; choose one of auto, torchscript, dyn"),
         (
             ("--model", str(not_a_checkpoint), "--out", str(tmp_path / "x.onnx")),
             "notes.pt is not a readable checkpoint",

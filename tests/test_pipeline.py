@@ -97,6 +97,7 @@ def test_export_records_parity_and_predict_from_onnx_equals_predict_from_the_che
         parity = project.json(f"metrics/export/{name}.json")
         assert parity["images"] == 12 and parity["top1_mismatches"] == 0 and parity["top1_agreement"] == 1.0
         assert 0 <= parity["max_abs_logit_diff"] < 1e-3 and parity["onnx_megabytes"] > 0
+        assert parity["exporter"] == "torchscript"  # evaluate.onnx_exporter: auto, on a torch that still ships it
         results = {}
         for suffix, extra in ((".pt", ["--precision", "fp32"]), (".onnx", [])):
             out = tmp_path / f"{name}{suffix}.csv"

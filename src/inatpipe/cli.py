@@ -76,10 +76,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from inatpipe.evaluation.export import export_checkpoint
 
-    done = export_checkpoint(args.model, args.format, args.out)
+    done = export_checkpoint(args.model, args.format, args.out, args.exporter)
     parity = done.parity
     print(
-        f"wrote {done.path} ({done.format}, {done.size_bytes / 1e6:.1f} MB); against torch on {parity.images} random "
+        f"wrote {done.path} ({done.format}, {done.exporter}, {done.size_bytes / 1e6:.1f} MB); against torch on "
+        f"{parity.images} random "
         f"inputs: same top-1, largest logit difference {parity.max_abs_logit_diff:.2g}"
     )
 
@@ -340,6 +341,11 @@ def parser() -> argparse.ArgumentParser:
     # Checked by the command, not by argparse, so that a wrong value is one line like every other error.
     export.add_argument("--format", default="onnx", help="onnx | torchscript (default: onnx)")
     export.add_argument("--out", type=Path, help="file to write (default: beside the checkpoint, .onnx or .ts)")
+    export.add_argument(
+        "--exporter",
+        default="auto",
+        help="ONNX only: auto | torchscript | dynamo, as evaluate.onnx_exporter (docs/export.md); default: auto",
+    )
     export.set_defaults(func=cmd_export)
 
     inspect = sub.add_parser("inspect", help="architecture, per-layer output shapes and parameter counts")

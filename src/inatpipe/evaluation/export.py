@@ -2,9 +2,14 @@
 (for libtorch), with a dynamic batch size and the model's classes, image size, normalisation and temperature
 inside. And parity: the exported model against the torch model on the same inputs, top-1 and logits.
 
-ONNX goes through torch's default exporter (`torch.onnx.export(..., dynamo=True)`, from torch.export's graph, with
-onnxscript); the TorchScript-based ONNX exporter it replaced is deprecated. TorchScript is traced: both model
-families are plain feed-forward graphs, and torch.jit.script cannot compile the models' Python annotations.
+ONNX goes through one of torch's two exporters (`evaluate.onnx_exporter`, `inatpipe export --exporter`):
+- `torchscript`: the TorchScript-based exporter (`dynamo=False`), deprecated by torch since 2.9 but still shipped. It
+  traces these plain feed-forward models in well under a second, where the other takes 5-10 s of CPU (torch.export's
+  decompositions), which is most of an export stage on a small dataset.
+- `dynamo`: torch's default exporter since 2.9, from torch.export's graph, with onnxscript.
+- `auto` (the default): `torchscript` while the installed torch still has it, else `dynamo`.
+Either way the parity below is measured on the file written, so a wrong graph never passes unnoticed.
+TorchScript files are traced: torch.jit.script cannot compile the models' Python annotations.
 """
 
 from __future__ import annotations
@@ -49,8 +54,31 @@ def example_input(info: ModelInfo, batch: int = EXAMPLE_BATCH, seed: int = 0) ->
     return torch.randn(batch, 3, info.image_size, info.image_size, generator=generator)
 
 
-def onnx_bytes(model: nn.Module, info: ModelInfo) -> bytes:
-    """The model as an ONNX file (batch size free, `images` in, `logits` out) with `info` as metadata_props."""
+ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
+OPSET = 17  # the TorchScript-based exporter's; onnxruntime 1.14 and later run it
+
+
+def _torchscript_onnx(model: nn.Module, info: ModelInfo):
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=DEPRECATED)
+        torch.onnx.export(
+            model.eval(),
+            (example_input(info),),
+            buffer,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _dynamo_onnx(model: nn.Module, info: ModelInfo):
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=DEPRECATED)
@@ -63,12 +91,31 @@ def onnx_bytes(model: nn.Module, info: ModelInfo) -> bytes:
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
-    proto = program.model_proto
+    return program.model_proto
+
+
+def onnx_bytes(model: nn.Module, info: ModelInfo, exporter: str = "auto") -> tuple[bytes, str]:
+    """The model as an ONNX file (batch size free, `images` in, `logits` out) with `info` as metadata_props, and the
+    exporter that wrote it (`auto`: the TorchScript-based one where this torch still has it, else dynamo)."""
+    if exporter not in ONNX_EXPORTERS:
+        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    proto = None
+    if exporter in ("auto", "torchscript"):
+        try:
+            proto, exporter = _torchscript_onnx(model, info), "torchscript"
+        except Exception as e:  # a torch without it (removed) or a model it cannot trace
+            if exporter == "torchscript":
+                raise UserError(
+                    f"torch {torch.__version__}'s TorchScript-based ONNX exporter failed ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); use the dynamo exporter instead"
+                ) from None
+    if proto is None:
+        proto, exporter = _dynamo_onnx(model, info), "dynamo"
     for key, value in info.metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"inatpipe {info.model_name}: {len(info.classes)} classes, {info.image_size} px input"
-    return proto.SerializeToString()
+    return proto.SerializeToString(), exporter
 
 
 def torchscript_bytes(model: nn.Module, info: ModelInfo) -> bytes:
@@ -207,41 +254,44 @@ class Exported:
     path: Path
     format: str
     size_bytes: int
-    parity: Parity  # on random inputs: the file alone, without the dataset
+    parity: Parity  # `inatpipe export`: on random inputs (the file alone); the stage: on every test image
+    exporter: str  # torchscript or dynamo (ONNX), traced (TorchScript)
 
 
-def export_checkpoint(checkpoint: Path, fmt: str, out: Path | None = None) -> Exported:
+def export_checkpoint(checkpoint: Path, fmt: str, out: Path | None = None, exporter: str = "auto") -> Exported:
     """`inatpipe export`: the checkpoint as an ONNX or TorchScript file (default: beside it, .onnx or .ts), checked
     against torch on random inputs before it is written."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if exporter not in ONNX_EXPORTERS:
+        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     _check_out(out, fmt)
     model, meta = load_checkpoint(checkpoint, "cpu")
     info = ModelInfo.of_checkpoint(meta)
     if fmt == "onnx":
-        data = onnx_bytes(model, info)
+        data, exporter = onnx_bytes(model, info, exporter)
         runner = onnx_runner(data)
     else:
-        data = torchscript_bytes(model, info)
+        data, exporter = torchscript_bytes(model, info), "traced"
         runner = torchscript_runner(data)
     parity = measure_parity(model, runner, [example_input(info, batch=8, seed=1)])
     parity.check(f"export of {checkpoint}")
     write_bytes(out, data)
-    return Exported(out, fmt, len(data), parity)
+    return Exported(out, fmt, len(data), parity, exporter)
 
 
 def export_with_parity(
-    checkpoint: Path, out: Path, prepared: Path, batch_size: int, threads: int | None = None
-) -> tuple[Parity, int]:
+    checkpoint: Path, out: Path, prepared: Path, batch_size: int, threads: int | None = None, exporter: str = "auto"
+) -> Exported:
     """The export stage's work: `checkpoint` as ONNX, run by onnxruntime and by torch on every prepared test image.
-    The file is written to `out` only when top-1 agrees on every image; returns the parity (which the stage records,
-    then `check`s) and the file's size."""
+    The file is written to `out` only when top-1 agrees on every image; the stage records the parity, then
+    `check`s it."""
     model, meta = load_checkpoint(checkpoint, "cpu")
-    data = onnx_bytes(model, ModelInfo.of_checkpoint(meta))
+    data, exporter = onnx_bytes(model, ModelInfo.of_checkpoint(meta), exporter)
     parity = measure_parity(
         model, onnx_runner(data, threads), _inputs_only(prepared_test_inputs(prepared, meta, batch_size))
     )
     if not parity.top1_mismatches:
         write_bytes(out, data)
-    return parity, len(data)
+    return Exported(out, "onnx", len(data), parity, exporter)

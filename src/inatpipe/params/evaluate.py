@@ -9,6 +9,8 @@ from inatpipe.params.schema import Section, at_least
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # Test-time augmentation: none, or the mean of the probabilities of each image and its horizontal mirror
 Tta = Literal["none", "hflip"]
+# Which of torch's ONNX exporters the export stage uses (evaluation/export.py): auto = torchscript where torch has it
+OnnxExporter = Literal["auto", "torchscript", "dynamo"]
 
 
 @dataclass(frozen=True)
@@ -19,3 +21,4 @@ class EvaluateParams(Section):
     precision: Precision
     tta: Tta
     calibrate: bool  # apply the temperature stored in the checkpoint (fitted on val at the end of training)
+    onnx_exporter: OnnxExporter
