@@ -1,6 +1,7 @@
 """Stage compare: both models side by side in metrics/compare.json and metrics/compare.md, and the report a person
 reads first, reports/compare.md, with its bar chart."""
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe import paths
 from inatpipe.atomic import write_json, write_text
 from inatpipe.errors import UserError, exit_on_user_error

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from dvclive import Live
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe import paths
 from inatpipe.atomic import atomic_open, write_json
 from inatpipe.checkpoint import load_checkpoint

@@ -3,6 +3,7 @@
 Only when they can serve (strategy head, data.augment off); otherwise it writes a note of why, in an instant.
 """
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.models.resnet import TransferResNet, load_pretrained

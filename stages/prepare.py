@@ -2,6 +2,7 @@
 stage reads instead of the JPEGs. Its only param is data.image_size, so experiments on the model or the training
 recipe reuse it; it decodes with as many processes as the cores allow (the output does not depend on how many)."""
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe.cores import loader_workers
 from inatpipe.data.index import read_classes, read_index
 from inatpipe.data.prepared import SUBSETS, prepare

@@ -5,6 +5,7 @@ data/<test_dir> stays the held-out test set.
 
 from pathlib import Path
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe.data.index import write_classes, write_index
 from inatpipe.data.scan import scan_dataset
 from inatpipe.data.split import check_class_folders, check_test_classes, stratified_split

@@ -1,5 +1,6 @@
 """Stage stats: per-channel mean/std of the TRAIN subset at the training image size (val and test never leak in)."""
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe.cores import loader_workers
 from inatpipe.data.stats import compute_stats, write_stats
 from inatpipe.errors import exit_on_user_error

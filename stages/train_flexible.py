@@ -1,6 +1,7 @@
 """Stage train_flexible: FlexibleCNN from scratch with the `train` recipe; keeps the best-on-val checkpoint. As a
 trial of `inatpipe sweep run`, it reports every epoch to the study, whose pruner may stop it early."""
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe.errors import exit_on_user_error
 from inatpipe.params import Params, load_params
 from inatpipe.runtime import choose_device, configure_threads, seed_everything

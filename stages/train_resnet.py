@@ -2,6 +2,7 @@
 strategy of resnet.strategy; the head trains on the features stage's output when the backbone is frozen and
 nothing is augmented."""
 
+import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe import paths
 from inatpipe.errors import exit_on_user_error
 from inatpipe.models.resnet import load_pretrained

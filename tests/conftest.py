@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,13 @@ SLOWEST_FIRST = (
     "test_recipe",
     "test_data",
 )
+
+
+def pytest_collection_finish(session) -> None:
+    """After collection (every test module imported, and with them torch, DVC, Optuna and the rest): freeze what
+    exists, so that the full garbage collections of a long test run skip those million-odd objects, which live as
+    long as the worker anyway, as a stage process does after its imports (inatpipe.startup)."""
+    gc.freeze()
 
 
 def pytest_configure(config) -> None:

@@ -11,7 +11,7 @@ from .imports import ROOT, imported_modules, library_modules, module_file
 # Lowest first. A module may import from its own layer or below, never above: a change in a layer touches only the
 # layers above it. Every module of the package is placed here (a new one joins the layer its imports allow).
 LAYERS = (
-    ("errors", "paths", "atomic", "cores"),  # no inatpipe import, no torch
+    ("errors", "paths", "atomic", "cores", "startup"),  # no inatpipe import, no torch
     ("params", "torchfile"),  # params: no torch, so split, compare and the sweep commands start fast
     ("dvc_cli", "data", "runtime"),
     ("models",),
@@ -91,3 +91,32 @@ def test_split_compare_and_the_sweep_commands_never_load_torch(tmp_path):
     assert result.stdout.splitlines()[-1] == "no torch", result.stdout + result.stderr
     # The command got as far as reading sweep.yaml (whose ranges a grid can't take), with its modules loaded.
     assert "error: --sampler grid needs a list of values for every key" in result.stderr
+
+
+def test_flexible_cnn_stages_with_shipped_params_never_load_torchvision_or_torch_dynamo():
+    """Importing torchvision loads torch._dynamo (seconds per process), and so does torch.use_deterministic_algorithms
+    (through torch._inductor.config): the FlexibleCNN stages, with the shipped params (basic policy, no mixing),
+    import, seed and build their training transforms and mixer without either, their kernels deterministic all the
+    same. (A torch optimizer still loads torch._dynamo at its construction; the stages that train pay that once.)"""
+    code = (
+        "import importlib.util, sys, torch\n"
+        "for stage in ('stats', 'train_flexible', 'evaluate', 'export'):\n"
+        "    spec = importlib.util.spec_from_file_location(stage, f'stages/{stage}.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "from inatpipe.data.transforms import training_transform\n"
+        "from inatpipe.params import load_params\n"
+        "from inatpipe.runtime import seed_everything\n"
+        "from inatpipe.training.mixing import batch_mixer\n"
+        "p = load_params()\n"
+        "seed_everything(p.seed)\n"
+        "x = training_transform(p.data)(torch.zeros(2, 3, 40, 40, dtype=torch.uint8))\n"
+        "assert batch_mixer(p.train, 3) is None and x.shape[-1] == p.data.image_size\n"
+        "heavy = sorted(m for m in ('torchvision', 'torch._dynamo', 'torch._inductor.config') if m in sys.modules)\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
+        " heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "True True []", result.stdout

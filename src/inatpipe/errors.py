@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 from collections.abc import Callable
 
@@ -22,8 +24,25 @@ def one_line(error: UserError) -> str:
     return text
 
 
+_frozen_at_exit: list[bool] = []
+
+
+def _freeze_at_exit() -> None:
+    if not _frozen_at_exit:  # once per process
+        atexit.register(gc.freeze)
+        _frozen_at_exit.append(True)
+
+
 def exit_on_user_error(main: Callable[[], object]) -> None:
-    """Run `main`; report a UserError or Ctrl-C as one line and a non-zero exit status."""
+    """Run `main`; report a UserError or Ctrl-C as one line and a non-zero exit status.
+
+    Also makes the process's exit quick: at exit, before Python's last garbage collections, every object still
+    alive is frozen (`gc.freeze`), so those passes skip the hundreds of thousands of objects torch's modules hold.
+    That saves a second or two per stage process; the memory goes back to the system with the process anyway."""
+    _freeze_at_exit()
+    if not gc.isenabled():  # a stage process after its imports (inatpipe.startup turned collection off for them)
+        gc.freeze()
+        gc.enable()
     try:
         main()
     except UserError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -41,9 +42,28 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul.
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    deterministic_kernels(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     return torch.Generator().manual_seed(seed)
+
+
+def deterministic_kernels(on: bool) -> None:
+    """`torch.use_deterministic_algorithms(on, warn_only=True)` for eager runs, without the import of
+    torch._inductor.config it makes (about 2 s of torch._dynamo and sympy per process, which every stage and sweep
+    trial would pay). The flag it sets there only steers torch.compile's kernels: `compiled` sets it where a run
+    compiles."""
+    if "torch._inductor.config" in sys.modules:  # already paid for: the public call sets both flags
+        torch.use_deterministic_algorithms(on, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(on, warn_only=True)
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(model), its inductor kernels deterministic when eager ones are (`deterministic_kernels`)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
+    return torch.compile(model)
 
 
 def threads_for(cores: int, workers: int, override: str | None) -> int:

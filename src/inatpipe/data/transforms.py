@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from inatpipe.params import DataParams
 
@@ -77,14 +76,15 @@ class BatchPolicy:
     """An augmentation policy of torchvision (TrivialAugmentWide, RandAugment with its defaults) on a uint8 batch:
     each image gets its own draw of operation and strength, from torch's global generator, as the crops do."""
 
-    POLICIES: dict[str, Callable[[], v2.Transform]] = {
-        "trivialaugment": v2.TrivialAugmentWide,
-        "randaugment": v2.RandAugment,
-    }
+    POLICIES = {"trivialaugment": "TrivialAugmentWide", "randaugment": "RandAugment"}  # name -> v2 transform
 
     def __init__(self, name: str):
+        # torchvision is imported here, not with the module: importing it costs seconds (it loads torch._dynamo),
+        # which every process of the pipeline that trains or evaluates FlexibleCNN without a policy is spared.
+        from torchvision.transforms import v2
+
         self.name = name
-        self.policy = self.POLICIES[name]()
+        self.policy = getattr(v2, self.POLICIES[name])()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.policy(image) for image in x])

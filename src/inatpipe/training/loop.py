@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inatpipe.errors import UserError
+from inatpipe.runtime import compiled
 from inatpipe.training.distributed import all_reduce_sums, gather_rows, set_epoch
 from inatpipe.training.ema import WeightAverage
 from inatpipe.training.mixing import Mixer
@@ -196,7 +197,7 @@ def fit(
         scaler = grad_scaler(device, precision)
     # The compiled wrapper shares the model's parameters, so the optimizer trains them; its state_dict keys gain an
     # `_orig_mod.` prefix, which is why callers save `model`, never the wrapper.
-    runner = torch.compile(model) if compile else model
+    runner = compiled(model) if compile else model
     validated = runner if ema is None else ema.counterpart(model)
     guard = _compile_errors if compile else contextlib.nullcontext  # only a compiling run needs torch._dynamo loaded
     for epoch in range(start_epoch + 1, epochs + 1):

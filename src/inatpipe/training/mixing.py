@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torchvision.transforms import v2
 
 from inatpipe.params import RecipeParams
 
@@ -22,13 +21,15 @@ Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 def batch_mixer(recipe: RecipeParams, num_classes: int) -> Mixer | None:
     """The recipe's mixing of training batches, or None when both MixUp and CutMix are off. With both on, each batch
     gets CutMix with probability `mix_switch_prob`, else MixUp."""
+    if recipe.cutmix <= 0 and recipe.mixup <= 0:
+        return None
+    from torchvision.transforms import v2  # here: a run without mixing does not pay for importing torchvision
+
     mixes = []
     if recipe.cutmix > 0:
         mixes.append((v2.CutMix(alpha=recipe.cutmix, num_classes=num_classes), recipe.mix_switch_prob))
     if recipe.mixup > 0:
         mixes.append((v2.MixUp(alpha=recipe.mixup, num_classes=num_classes), 1 - recipe.mix_switch_prob))
-    if not mixes:
-        return None
     if len(mixes) == 1:
         return mixes[0][0]
     return v2.RandomChoice([mix for mix, _ in mixes], p=[p for _, p in mixes])
