@@ -38,10 +38,12 @@ CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 PUBLISHED = {"plain 5-layer conv + BN CNN": 0.931, "ResNet18": 0.949}
 
 # Shared by both configurations: the images are 28x28, garments are left/right symmetric, and four blocks pool
-# 28 -> 14 -> 7 -> 3 -> 1. bf16 autocast with channels_last runs the convolutions about 2.5x as fast as fp32 on a
-# CPU with AVX-512 BF16. Loading stays in the training process (num_workers 0): a batch of 128 prepared images is
-# cropped and flipped in one vectorised call, well under a millisecond, so a loader process would only compete
-# with torch's compute threads for the two cores.
+# 28 -> 14 -> 7 -> 3 -> 1. Precision `auto`: bf16 autocast with channels_last runs the convolutions about 2.5x as
+# fast as fp32 on a CPU with AVX-512 BF16, but a CPU without it (AVX2 alone) only emulates bf16, about 12x slower than
+# fp32, and `auto` then takes fp32. The figures in docs/benchmarks.md came from a CPU with AVX-512 BF16. Loading
+# stays in the training process (num_workers 0): a batch of 128 prepared images is cropped and flipped in one
+# vectorised call, well under a millisecond, so a loader process would only compete with torch's compute threads
+# for the two cores.
 COMMON = {
     "data.image_size": 28,
     "data.hflip": True,
@@ -55,7 +57,7 @@ COMMON = {
     "train.weight_decay": 0.05,
     "train.scheduler": "onecycle",
     "train.label_smoothing": 0.1,
-    "train.precision": "bf16",
+    "train.precision": "auto",
     "train.channels_last": True,
 }
 CONFIGS = {

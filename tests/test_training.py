@@ -20,7 +20,7 @@ from inatpipe.evaluation.metrics import Predictions, classification_metrics, eva
 from inatpipe.models import build_model
 from inatpipe.runtime import choose_device, seed_everything
 from inatpipe.training.loop import EpochMetrics, fit
-from inatpipe.training.precision import autocast, native_bf16, resolve_precision
+from inatpipe.training.precision import autocast, emulated_bf16_warning, native_bf16, resolve_precision
 
 from .conftest import MEAN, ROOT, STD, folder_loader
 
@@ -162,6 +162,22 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively():
         y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
     assert y.dtype == (torch.bfloat16 if auto == "bf16" else torch.float32)
     assert resolve_precision(torch.device("mps"), "auto") == "fp32"
+
+
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_about_in_one_line():
+    """On a CPU without AVX-512 BF16 or AMX (read off /proc/cpuinfo), `precision: bf16` gets a line saying it is
+    emulated and that `auto` means fp32 there; where the CPU has them, and for auto or fp32, nothing is said."""
+    cpu = torch.device("cpu")
+    line = emulated_bf16_warning(cpu, "bf16", "train.precision")
+    if cpu_has_native_bf16():
+        assert line is None
+    else:
+        assert line == (
+            "warning: train.precision: bf16 on this cpu (no AVX-512 BF16 or AMX) is emulated and runs several times "
+            "slower than fp32; set train.precision: auto to use fp32 here"
+        )
+    assert emulated_bf16_warning(cpu, "auto", "resnet.precision") is None
+    assert emulated_bf16_warning(cpu, "fp32", "resnet.precision") is None
 
 
 def test_compile_without_a_cxx_compiler_is_a_one_line_error(tmp_path: Path):

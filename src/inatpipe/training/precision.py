@@ -38,6 +38,19 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def emulated_bf16_warning(device: torch.device, precision: str, key: str) -> str | None:
+    """A line for a run that asks for bf16 (`key`: the params key) on a device that only emulates it, where each step
+    takes several times longer than in fp32 (on a CPU with AVX2 alone, FlexibleCNN's training steps ran 12x slower:
+    docs/benchmarks.md); `auto` would have chosen fp32 there."""
+    if resolve_precision(device, precision) != "bf16" or native_bf16(device):
+        return None
+    hardware = "AVX-512 BF16 or AMX" if device.type == "cpu" else "native bf16"
+    return (
+        f"warning: {key}: bf16 on this {device.type} (no {hardware}) is emulated and runs several times slower than "
+        f"fp32; set {key}: auto to use fp32 here"
+    )
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for forward passes and losses: matmuls and convolutions in bf16/fp16, reductions in fp32."""
     dtype = DTYPES[resolve_precision(device, precision)]

@@ -37,7 +37,7 @@ from inatpipe.training.calibration import TemperatureFit
 from inatpipe.training.ema import WeightAverage, weight_average
 from inatpipe.training.loop import EpochMetrics, fit, logits_on
 from inatpipe.training.mixing import Mixer, batch_mixer
-from inatpipe.training.precision import grad_scaler, resolve_precision
+from inatpipe.training.precision import emulated_bf16_warning, grad_scaler, resolve_precision
 from inatpipe.training.recipe import Progress, build_optimizer, build_scheduler, training_loss
 from inatpipe.training.resume import Resumable, ResumeRun, fingerprint
 
@@ -251,7 +251,8 @@ def train_tracked(
     """Run `history` from the first epoch, or, when `outputs` has a matching resume state, from the epoch after its
     own (its model, `steps` and RNGs restored, `generator` the training loader's), and track it, calibrating the
     best weights on `calibration` at the end; returns the summary."""
-    for line in recipe.adjustments():
+    slow = emulated_bf16_warning(device, recipe.precision, recipe.key("precision"))
+    for line in [*recipe.adjustments(), *([slow] if slow else [])]:
         tqdm.write(line)
     run = _resume_run(outputs.resume, model, steps, generator, device)
     progress = Progress(epochs=recipe.epochs, patience=recipe.patience, max_seconds=recipe.max_minutes * 60)
