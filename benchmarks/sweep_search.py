@@ -157,6 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=DEBIAN_FILES, help="folder with the idx files")
     parser.add_argument("--seeds", type=int, default=3, help="sampler seeds per strategy (default: 3)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the first of them (default: 0); to confirm a choice on fresh seeds"
+    )
     parser.add_argument("--trials", type=int, default=12, help="finished trials per study (default: 12)")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of a trial that is not pruned (default: 6)")
     parser.add_argument("--startup-trials", type=int, default=3, help="as `sweep run --startup-trials` (default: 3)")
@@ -196,7 +199,7 @@ def main() -> None:
         stage = load_stage(project)
         results: dict[str, list[dict]] = {name: [] for name in strategies}
         start = time.perf_counter()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name, (sampler, pruner) in strategies.items():
                 study = f"{name.replace('+', '-')}-{seed}"  # a study name is letters, digits, '-', '_', '.'
                 r = run_study(study, sampler, pruner, seed, args, url, base, stage)
@@ -215,7 +218,8 @@ def main() -> None:
     print(
         f"\ncores: {os.cpu_count()}   Fashion-MNIST subset: {args.train} training images ({n_val} held out for "
         f"validation), {args.trials} trials of at most {args.epochs} epochs per study "
-        f"({args.startup_trials} startup trials), seeds 0-{args.seeds - 1}, {minutes:.1f} minutes in all"
+        f"({args.startup_trials} startup trials), seeds {args.first_seed}-{args.first_seed + args.seeds - 1}, "
+        f"{minutes:.1f} minutes in all"
     )
     print(f"{'strategy':<14} {'best val acc (mean)':>19} {'per seed':>26} {'epochs (mean)':>13} {'pruned':>7}")
     for name, rs in results.items():
