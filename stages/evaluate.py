@@ -14,7 +14,7 @@ from inatpipe.atomic import atomic_open, write_json
 from inatpipe.checkpoint import load_checkpoint
 from inatpipe.cores import loader_workers
 from inatpipe.data.index import read_index
-from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.errors import exit_on_user_error
 from inatpipe.evaluation.explain import Explainer, write_gradcam_report
 from inatpipe.evaluation.figures import write_model_report
 from inatpipe.evaluation.metrics import evaluate_checkpoint, predictions_table
@@ -65,9 +65,7 @@ def run(p: Params, name: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in paths.MODEL_NAMES:
-        raise UserError(f"usage: python stages/evaluate.py {{{','.join(paths.MODEL_NAMES)}}}")
-    run(load_params(), sys.argv[1])
+    run(load_params(), paths.model_argument(sys.argv, "evaluate.py"))
 
 
 if __name__ == "__main__":

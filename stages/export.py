@@ -6,7 +6,7 @@ import sys
 import inatpipe.startup  # noqa: F401  (first of the library: see its docstring)
 from inatpipe import paths
 from inatpipe.atomic import write_json
-from inatpipe.errors import UserError, exit_on_user_error
+from inatpipe.errors import exit_on_user_error
 from inatpipe.evaluation.export import export_with_parity
 from inatpipe.params import Params, load_params
 from inatpipe.runtime import configure_threads
@@ -30,9 +30,7 @@ def run(p: Params, name: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in paths.MODEL_NAMES:
-        raise UserError(f"usage: python stages/export.py {{{','.join(paths.MODEL_NAMES)}}}")
-    run(load_params(), sys.argv[1])
+    run(load_params(), paths.model_argument(sys.argv, "export.py"))
 
 
 if __name__ == "__main__":

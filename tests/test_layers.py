@@ -11,7 +11,7 @@ from .imports import ROOT, imported_modules, library_modules, module_file
 # Lowest first. A module may import from its own layer or below, never above: a change in a layer touches only the
 # layers above it. Every module of the package is placed here (a new one joins the layer its imports allow).
 LAYERS = (
-    ("errors", "paths", "atomic", "cores", "startup"),  # no inatpipe import, no torch
+    ("errors", "paths", "atomic", "cores", "startup"),  # no torch, and no inatpipe import beyond this layer
     ("params", "torchfile"),  # params: no torch, so split, compare and the sweep commands start fast
     ("dvc_cli", "data", "runtime"),
     ("models",),
@@ -71,12 +71,27 @@ def test_no_import_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can see one
 
 
+# Python source that defines import_stages(names): the stage scripts' modules, imported as `python stages/x.py` does
+IMPORT_STAGES = (
+    "import importlib.util\n"
+    "def import_stages(names):\n"
+    "    for stage in names:\n"
+    "        spec = importlib.util.spec_from_file_location(stage, f'stages/{stage}.py')\n"
+    "        spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+    "import_stages"
+)
+
+
+def run_snippet(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python at the project root, with the library on its path."""
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
 def test_split_compare_and_the_sweep_commands_never_load_torch(tmp_path):
     code = (
-        "import importlib.util, sys\n"
-        "for stage in ('split', 'compare'):\n"
-        "    spec = importlib.util.spec_from_file_location(stage, f'stages/{stage}.py')\n"
-        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import sys\n"
+        f"{IMPORT_STAGES}(('split', 'compare'))\n"
         "import inatpipe.sweep.report, inatpipe.sweep.study_plots\n"
         "from inatpipe.cli import main\n"
         "try:\n"
@@ -85,9 +100,7 @@ def test_split_compare_and_the_sweep_commands_never_load_torch(tmp_path):
         "    pass\n"
         "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
-    )
+    result = run_snippet(code)
     assert result.stdout.splitlines()[-1] == "no torch", result.stdout + result.stderr
     # The command got as far as reading sweep.yaml (whose ranges a grid can't take), with its modules loaded.
     assert "error: --sampler grid needs a list of values for every key" in result.stderr
@@ -99,10 +112,8 @@ def test_flexible_cnn_stages_with_shipped_params_never_load_torchvision_or_torch
     import, seed and build their training transforms and mixer without either, their kernels deterministic all the
     same. (A torch optimizer still loads torch._dynamo at its construction; the stages that train pay that once.)"""
     code = (
-        "import importlib.util, sys, torch\n"
-        "for stage in ('stats', 'train_flexible', 'evaluate', 'export'):\n"
-        "    spec = importlib.util.spec_from_file_location(stage, f'stages/{stage}.py')\n"
-        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import sys, torch\n"
+        f"{IMPORT_STAGES}(('stats', 'train_flexible', 'evaluate', 'export'))\n"
         "from inatpipe.data.transforms import training_transform\n"
         "from inatpipe.params import load_params\n"
         "from inatpipe.runtime import seed_everything\n"
@@ -115,8 +126,6 @@ def test_flexible_cnn_stages_with_shipped_params_never_load_torchvision_or_torch
         "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
         " heavy)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
-    )
+    result = run_snippet(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "True True []", result.stdout

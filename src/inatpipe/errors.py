@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import sys
 from collections.abc import Callable
@@ -24,13 +25,9 @@ def one_line(error: UserError) -> str:
     return text
 
 
-_frozen_at_exit: list[bool] = []
-
-
+@functools.cache  # once per process
 def _freeze_at_exit() -> None:
-    if not _frozen_at_exit:  # once per process
-        atexit.register(gc.freeze)
-        _frozen_at_exit.append(True)
+    atexit.register(gc.freeze)
 
 
 def exit_on_user_error(main: Callable[[], object]) -> None:

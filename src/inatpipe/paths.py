@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from inatpipe.errors import UserError
+
 SPLIT_DIR = Path("artifacts/split")
 PREPARED_DIR = Path("artifacts/prepared")  # decoded once: <subset>.npy, <subset>_labels.npy, meta.json
 STATS_FILE = Path("artifacts/stats.json")
@@ -11,6 +13,13 @@ REPORTS_DIR = Path("reports")
 DATA_REPORT = METRICS_DIR / "data_report.json"  # what split left out, and why
 RESUME_DIR = Path(".resume")  # outside every DVC output, which DVC deletes before rerunning a stage; git-ignored
 MODEL_NAMES = ("flexible", "resnet")
+
+
+def model_argument(argv: list[str], script: str) -> str:
+    """The model a `foreach` stage (evaluate@<model>, export@<model>) runs for: its one command-line argument."""
+    if len(argv) != 2 or argv[1] not in MODEL_NAMES:
+        raise UserError(f"usage: python stages/{script} {{{','.join(MODEL_NAMES)}}}")
+    return argv[1]
 
 
 def checkpoint(model: str) -> Path:

@@ -94,11 +94,15 @@ def _dynamo_onnx(model: nn.Module, info: ModelInfo):
     return program.model_proto
 
 
+def _check_exporter(exporter: str) -> None:
+    if exporter not in ONNX_EXPORTERS:
+        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+
+
 def onnx_bytes(model: nn.Module, info: ModelInfo, exporter: str = "auto") -> tuple[bytes, str]:
     """The model as an ONNX file (batch size free, `images` in, `logits` out) with `info` as metadata_props, and the
     exporter that wrote it (`auto`: the TorchScript-based one where this torch still has it, else dynamo)."""
-    if exporter not in ONNX_EXPORTERS:
-        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    _check_exporter(exporter)
     proto = None
     if exporter in ("auto", "torchscript"):
         try:
@@ -263,8 +267,7 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path | None = None, expor
     against torch on random inputs before it is written."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if exporter not in ONNX_EXPORTERS:
-        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    _check_exporter(exporter)
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     _check_out(out, fmt)
     model, meta = load_checkpoint(checkpoint, "cpu")
