@@ -164,15 +164,17 @@ def make_pruner(name: str, startup_trials: int, max_epochs: int) -> optuna.prune
 
     median: stop a trial whose accuracy after an epoch is below the median of the earlier trials' at that epoch,
     once `startup_trials` trials have finished and from epoch 2 on (epoch 1 is mostly warm-up).
-    asha: asynchronous successive halving, rungs at epochs 1, 3, 9, ...: a trial goes past a rung only while its
-    accuracy there is in the top third of the trials that reached it (the first to reach a rung always goes on).
+    asha: asynchronous successive halving, rungs at epochs 1, 4, 16, ...: a trial goes past a rung only while its
+    accuracy there is in the top quarter of the trials that reached it (the first to reach a rung always goes on).
+    Factor 4 rather than 3: with TPE most later trials are good ones, and factor 3 let so many of them through
+    that TPE + ASHA trained 0.52x random search's epochs (benchmarks/sweep_search.py, docs/benchmarks.md).
     hyperband: successive halving over brackets of 1 to `max_epochs` epochs, growing by 3x.
     """
     if name == "median":
         # A step is an epoch, numbered from 1; no step below n_warmup_steps is judged: epoch 1 never is.
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=2)
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3, min_early_stopping_rate=0)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4, min_early_stopping_rate=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_epochs), reduction_factor=3)
     if name == "none":
