@@ -9,6 +9,7 @@ best validation accuracy and training minutes of each, beside the dataset's publ
     .venv/bin/python benchmarks/fashion_mnist.py  # both configurations (about 35 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/fashion_mnist.py --only fast --source path/to/idx/folder
     .venv/bin/python benchmarks/fashion_mnist.py --only fast2 --ablate   # recipe 2, then each technique off in turn
+    .venv/bin/python benchmarks/fashion_mnist.py --only fast2 --fit      # epochs: as many as fit its minutes here
 
 Nothing in the library knows this dataset: each configuration is a plain params override, shown in full.
 """
@@ -40,7 +41,8 @@ PUBLISHED = {"plain 5-layer conv + BN CNN": 0.931, "ResNet18": 0.949}
 # Shared by both configurations: the images are 28x28, garments are left/right symmetric, and four blocks pool
 # 28 -> 14 -> 7 -> 3 -> 1. Precision `auto`: bf16 autocast with channels_last runs the convolutions about 2.5x as
 # fast as fp32 on a CPU with AVX-512 BF16, but a CPU without it (AVX2 alone) only emulates bf16, about 12x slower than
-# fp32, and `auto` then takes fp32. The figures in docs/benchmarks.md came from a CPU with AVX-512 BF16. Loading
+# fp32, and `auto` then takes fp32. The epochs below suit a CPU with AVX-512 BF16; --fit sets them to what fits each
+# configuration's minutes on the machine at hand (docs/benchmarks.md has runs of both kinds). Loading
 # stays in the training process (num_workers 0): a batch of 128 prepared images is cropped and flipped in one
 # vectorised call, well under a millisecond, so a loader process would only compete with torch's compute threads
 # for the two cores.
@@ -131,6 +133,19 @@ def build_folder(source: Path, out: Path) -> None:
             Image.fromarray(img, "L").save(out / subset / CLASSES[label] / f"{i:05d}.png")
 
 
+def fit_to_budget(overrides: dict, run, project: Path) -> dict:
+    """The configuration with as many epochs as fit 95% of its `max_minutes` on this machine (at least 1), timed by
+    training it for one epoch first (`run` runs a command in `project`), and its warm-up scaled with them."""
+    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+    run(sys.executable, "-m", "dvc", "exp", "run", "train_flexible", *sets, "-S", "train.epochs=1",
+        "-S", "train.warmup_epochs=0.5")  # fmt: skip
+    epoch_s = json.loads((project / "metrics/train_flexible/metrics.json").read_text())["train_seconds"]
+    epochs = max(1, int(0.95 * overrides["train.max_minutes"] * 60 / epoch_s))
+    warmup = round(overrides["train.warmup_epochs"] * epochs / overrides["train.epochs"], 1)
+    print(f"  one epoch took {epoch_s:.0f} s here: {epochs} epochs, warm-up {warmup}", flush=True)
+    return {**overrides, "train.epochs": epochs, "train.warmup_epochs": warmup}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=DEBIAN_FILES, help="folder with the four idx files")
@@ -138,6 +153,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the generated folder and project here (default: temporary)")
     parser.add_argument(
         "--ablate", action="store_true", help="also run each configuration with each recipe-2 technique off in turn"
+    )
+    parser.add_argument(
+        "--fit",
+        action="store_true",
+        help="set each configuration's epochs to what fits its max_minutes on this machine (one epoch timed first)",
     )
     args = parser.parse_args()
     runs = {}
@@ -167,8 +187,17 @@ def main() -> None:
         run("git", "add", "-A")
         run("git", "commit", "-qm", "Fashion-MNIST as an iNaturalist-layout folder")
 
-        results = {}
+        results, fitted = {}, {}
         for name, overrides in runs.items():
+            if args.fit:
+                # Timed once per network and training recipe: runs that differ in evaluation or augmentation alone
+                # train the same epochs (and a run differing in evaluation alone reuses the training from DVC's run
+                # cache).
+                timed = tuple(sorted((k, str(v)) for k, v in overrides.items() if k.startswith(("model.", "train."))))
+                if timed not in fitted:
+                    print(f"{name}: fitting its epochs to {overrides['train.max_minutes']} minutes", flush=True)
+                    fitted[timed] = fit_to_budget(overrides, run, project)
+                overrides = {**overrides, **{k: fitted[timed][k] for k in ("train.epochs", "train.warmup_epochs")}}
             sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
             print(f"{name}: dvc exp run evaluate@flexible {' '.join(sets)}", flush=True)
             start = time.perf_counter()
