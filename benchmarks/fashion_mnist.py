@@ -42,10 +42,9 @@ PUBLISHED = {"plain 5-layer conv + BN CNN": 0.931, "ResNet18": 0.949}
 # 28 -> 14 -> 7 -> 3 -> 1. Precision `auto`: bf16 autocast with channels_last runs the convolutions about 2.5x as
 # fast as fp32 on a CPU with AVX-512 BF16, but a CPU without it (AVX2 alone) only emulates bf16, about 12x slower than
 # fp32, and `auto` then takes fp32. The epochs below suit a CPU with AVX-512 BF16; --fit sets them to what fits each
-# configuration's minutes on the machine at hand (docs/benchmarks.md has runs of both kinds). Loading
-# stays in the training process (num_workers 0): a batch of 128 prepared images is cropped and flipped in one
-# vectorised call, well under a millisecond, so a loader process would only compete with torch's compute threads
-# for the two cores.
+# configuration's minutes on the machine at hand (docs/benchmarks.md has runs of both kinds). Loading stays in the
+# training process (num_workers 0): a batch of 128 prepared images is cropped and flipped in one vectorised call,
+# well under a millisecond, so a loader process would only compete with torch's compute threads for the two cores.
 COMMON = {
     "data.image_size": 28,
     "data.hflip": True,
@@ -133,12 +132,16 @@ def build_folder(source: Path, out: Path) -> None:
             Image.fromarray(img, "L").save(out / subset / CLASSES[label] / f"{i:05d}.png")
 
 
+def set_args(overrides: dict) -> list[str]:
+    """The overrides as `dvc exp run` arguments: -S key=value for each."""
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+
+
 def fit_to_budget(overrides: dict, run, project: Path) -> dict:
     """The configuration with as many epochs as fit 95% of its `max_minutes` on this machine (at least 1), timed by
     training it for one epoch first (`run` runs a command in `project`), and its warm-up scaled with them."""
-    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
-    run(sys.executable, "-m", "dvc", "exp", "run", "train_flexible", *sets, "-S", "train.epochs=1",
-        "-S", "train.warmup_epochs=0.5")  # fmt: skip
+    one_epoch = {**overrides, "train.epochs": 1, "train.warmup_epochs": 0.5}
+    run(sys.executable, "-m", "dvc", "exp", "run", "train_flexible", *set_args(one_epoch))
     epoch_s = json.loads((project / "metrics/train_flexible/metrics.json").read_text())["train_seconds"]
     epochs = max(1, int(0.95 * overrides["train.max_minutes"] * 60 / epoch_s))
     warmup = round(overrides["train.warmup_epochs"] * epochs / overrides["train.epochs"], 1)
@@ -198,7 +201,7 @@ def main() -> None:
                     print(f"{name}: fitting its epochs to {overrides['train.max_minutes']} minutes", flush=True)
                     fitted[timed] = fit_to_budget(overrides, run, project)
                 overrides = {**overrides, **{k: fitted[timed][k] for k in ("train.epochs", "train.warmup_epochs")}}
-            sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+            sets = set_args(overrides)
             print(f"{name}: dvc exp run evaluate@flexible {' '.join(sets)}", flush=True)
             start = time.perf_counter()
             exp = f"fmnist-{name}".replace("_", "-")

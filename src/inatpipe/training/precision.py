@@ -42,7 +42,7 @@ def emulated_bf16_warning(device: torch.device, precision: str, key: str) -> str
     """A line for a run that asks for bf16 (`key`: the params key) on a device that only emulates it, where each step
     takes several times longer than in fp32 (on a CPU with AVX2 alone, FlexibleCNN's training steps ran 12x slower:
     docs/benchmarks.md); `auto` would have chosen fp32 there."""
-    if resolve_precision(device, precision) != "bf16" or native_bf16(device):
+    if precision != "bf16" or native_bf16(device):  # `auto` takes bf16 only where it is native
         return None
     hardware = "AVX-512 BF16 or AMX" if device.type == "cpu" else "native bf16"
     return (

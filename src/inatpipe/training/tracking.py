@@ -251,9 +251,10 @@ def train_tracked(
     """Run `history` from the first epoch, or, when `outputs` has a matching resume state, from the epoch after its
     own (its model, `steps` and RNGs restored, `generator` the training loader's), and track it, calibrating the
     best weights on `calibration` at the end; returns the summary."""
-    slow = emulated_bf16_warning(device, recipe.precision, recipe.key("precision"))
-    for line in [*recipe.adjustments(), *([slow] if slow else [])]:
+    for line in recipe.adjustments():
         tqdm.write(line)
+    if slow := emulated_bf16_warning(device, recipe.precision, recipe.key("precision")):
+        tqdm.write(slow)
     run = _resume_run(outputs.resume, model, steps, generator, device)
     progress = Progress(epochs=recipe.epochs, patience=recipe.patience, max_seconds=recipe.max_minutes * 60)
     # What ran: `auto` precision resolved for this device, and on how many processes (torchrun)
