@@ -17,7 +17,7 @@ from inatpipe.data.index import read_index
 from inatpipe.errors import exit_on_user_error
 from inatpipe.evaluation.explain import Explainer, write_gradcam_report
 from inatpipe.evaluation.figures import write_model_report
-from inatpipe.evaluation.metrics import evaluate_checkpoint, predictions_table
+from inatpipe.evaluation.metrics import evaluate_model, predictions_table
 from inatpipe.params import Params, load_params
 from inatpipe.runtime import choose_device, configure_threads
 
@@ -26,8 +26,10 @@ def run(p: Params, name: str) -> None:
     device = choose_device(p.device)
     configure_threads()
     test = read_index(paths.SPLIT_DIR / "test.csv")
-    m, pred, classes = evaluate_checkpoint(
-        paths.checkpoint(name),
+    model, meta = load_checkpoint(paths.checkpoint(name), device)  # for the metrics, then for Grad-CAM
+    m, pred, classes = evaluate_model(
+        model,
+        meta,
         paths.PREPARED_DIR,
         p.evaluate.batch_size,
         device,
@@ -53,7 +55,7 @@ def run(p: Params, name: str) -> None:
         predictions_table(pred, classes, test["path"].tolist()).to_csv(f, index=False, lineterminator="\n")
     images = np.load(paths.PREPARED_DIR / "test.npy", mmap_mode="r")  # the test images as the model saw them
     write_model_report(paths.report_dir(name), name, m, images, pred.targets, pred.predicted, pred.confidence, classes)
-    explainer = Explainer(*load_checkpoint(paths.checkpoint(name), device), device)
+    explainer = Explainer(model, meta, device)
     gradcam = paths.report_dir(name) / "gradcam.png"
     title = f"{name}: Grad-CAM, most confident mistakes, then one correct test image per class"
     write_gradcam_report(explainer, images, pred.targets, pred.predicted, pred.confidence, gradcam, title)

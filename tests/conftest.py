@@ -150,7 +150,9 @@ def pytest_collection_finish(session) -> None:
 
 def pytest_configure(config) -> None:
     """Under parallel workers, one torch thread per worker (and per stage it starts, sweep trials included): two
-    workers then keep two cores busy instead of four threads taking turns on them."""
+    workers then keep two cores busy instead of four threads taking turns on them. Every DVC command the tests start,
+    through the project's own commands too, sends no analytics: each would otherwise start one more DVC process."""
+    os.environ["DVC_NO_ANALYTICS"] = "1"
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["INATPIPE_THREADS"] = "1"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import classification_report
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from inatpipe.data.index import scan_folder
 from inatpipe.evaluation.compare import report_markdown, strategy_text, weights_source
@@ -59,15 +59,18 @@ def test_ece_from_logits_in_the_metrics():
 
 def test_per_class_metrics_agree_with_sklearn_classification_report():
     rng = np.random.default_rng(0)
-    classes = ["ant", "bee", "cat", "dog", "eel"]
+    classes = ["ant", "bee", "cat", "dog", "eel", "fox"]  # "fox": no test image, never predicted
     targets = rng.integers(0, 5, size=200)
     predicted = np.where(rng.random(200) < 0.6, targets, rng.integers(0, 4, size=200))  # "eel" is never predicted
-    logits = torch.full((200, 5), -3.0, dtype=torch.float64)
+    logits = torch.full((200, 6), -3.0, dtype=torch.float64)
     logits[torch.arange(200), torch.from_numpy(predicted)] = 3.0
     m = classification_metrics(Predictions(targets, logits, 1.0), classes)
 
+    assert m["accuracy"] == pytest.approx(accuracy_score(targets, predicted))
+    assert m["macro_f1"] == pytest.approx(f1_score(targets, predicted, average="macro", zero_division=0))
+    assert m["confusion_matrix"] == confusion_matrix(targets, predicted, labels=range(6)).tolist()
     report = classification_report(
-        targets, predicted, labels=range(5), target_names=classes, output_dict=True, zero_division=0
+        targets, predicted, labels=range(6), target_names=classes, output_dict=True, zero_division=0
     )
     for name in classes:
         expected = report[name]
@@ -90,7 +93,7 @@ def test_per_class_metrics_agree_with_sklearn_classification_report():
             }
         )
     table = per_class_markdown(m["per_class"], m["averages"])
-    assert table.count("\n") == 2 + 5 + 2  # header, rule, five classes, two averages
+    assert table.count("\n") == 2 + 6 + 2  # header, rule, six classes, two averages
     macro_row = next(line for line in table.splitlines() if line.startswith("| macro avg"))
     assert [cell.strip() for cell in macro_row.strip("|").split("|")][1:] == [
         f"{report['macro avg'][k]:.4f}" for k in ("precision", "recall", "f1-score")

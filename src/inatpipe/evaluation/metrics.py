@@ -1,5 +1,6 @@
 """Test-set evaluation: predictions (with test-time augmentation and the checkpoint's temperature), forward-pass
-timing, classification metrics from scikit-learn, calibration before and after the temperature."""
+timing, classification metrics (scikit-learn's definitions, from the confusion matrix), calibration before and after
+the temperature."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -88,20 +88,41 @@ def predict(
     return ViewLogits(torch.cat(targets).numpy(), views, seconds)
 
 
-def _averages(y: np.ndarray, y_hat: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+def confusion(y: np.ndarray, y_hat: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class): row i, column j = images of class i predicted as j."""
+    return np.bincount(y * num_classes + y_hat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b, and 0 where b is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+
+
+# Precision, recall and F1 are computed here from the confusion matrix, as scikit-learn defines them (tests check
+# them against its classification_report): importing sklearn.metrics costs every evaluate process 1.5-2 s of start-up
+# on two CPU cores (it loads SciPy), more than the scores of a small test set take.
+def _scores(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1 and support from a confusion matrix."""
+    hits, support, predicted = np.diag(cm).astype(float), cm.sum(1), cm.sum(0)
+    return {
+        "precision": _ratio(hits, predicted),
+        "recall": _ratio(hits, support),
+        "f1": _ratio(2 * hits, support + predicted),  # 2PR / (P + R), without dividing by zero on the way
+        "support": support,
+    }
+
+
+def _averages(scores: dict[str, np.ndarray]) -> dict[str, dict]:
     """Macro and weighted averages over every class, as scikit-learn's classification_report gives them."""
-    out = {}
-    for average in ("macro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            y, y_hat, labels=labels, average=average, zero_division=0
-        )
-        out[f"{average} avg"] = {
-            "precision": float(precision),
-            "recall": float(recall),
-            "f1": float(f1),
-            "support": len(y),
+    support = scores["support"]
+    weights = {"macro": None, "weighted": support if support.sum() else None}
+    return {
+        f"{average} avg": {
+            **{k: float(np.average(scores[k], weights=w)) for k in ("precision", "recall", "f1")},
+            "support": int(support.sum()),
         }
-    return out
+        for average, w in weights.items()
+    }
 
 
 def _loss(pred: Predictions) -> float:
@@ -112,29 +133,30 @@ def _loss(pred: Predictions) -> float:
 def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
     """Loss, accuracy, macro-F1, ECE, per-class precision/recall/F1/support with their macro and weighted averages,
     the reliability bins, and the confusion matrix as nested lists."""
-    labels = np.arange(len(classes))
     y, y_hat = pred.targets, pred.predicted
-    precision, recall, f1, support = precision_recall_fscore_support(y, y_hat, labels=labels, zero_division=0)
+    cm = confusion(y, y_hat, len(classes))
+    scores = _scores(cm)
+    occurring = (scores["support"] > 0) | (cm.sum(0) > 0)
     confidence, correct = pred.confidence, y_hat == y
     return {
         "loss": _loss(pred),
-        "accuracy": float(accuracy_score(y, y_hat)),
+        "accuracy": float(np.trace(cm) / max(1, len(y))),
         # Averaged over the classes that occur in the targets or predictions, as scikit-learn does by default:
         # a class with no test images would otherwise count as F1 = 0.
-        "macro_f1": float(f1_score(y, y_hat, average="macro", zero_division=0)),
+        "macro_f1": float(scores["f1"][occurring].mean()),
         "per_class": {
             name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
+                "precision": float(scores["precision"][i]),
+                "recall": float(scores["recall"][i]),
+                "f1": float(scores["f1"][i]),
+                "support": int(scores["support"][i]),
             }
             for i, name in enumerate(classes)
         },
-        "averages": _averages(y, y_hat, labels),
+        "averages": _averages(scores),
         "ece": expected_calibration_error(confidence, correct),
         "reliability": reliability_bins(confidence, correct),
-        "confusion_matrix": confusion_matrix(y, y_hat, labels=labels).tolist(),
+        "confusion_matrix": cm.tolist(),
     }
 
 
@@ -149,15 +171,33 @@ def evaluate_checkpoint(
     tta: str = "none",
     calibrate: bool = True,
 ) -> tuple[dict, Predictions, list[str]]:
-    """Rebuild a model from its checkpoint (classes, size and normalisation travel inside) and score it on the test
-    subset of the prepared images in `prepared`: on each image and, with `tta`, its views; with `calibrate`, at the
-    checkpoint's temperature. The metrics and predictions are of those probabilities; `ece_uncalibrated` and
-    `loss_uncalibrated` give the same views without the temperature, and `temperature` the checkpoint's."""
+    """`evaluate_model` on the model a checkpoint rebuilds (classes, size and normalisation travel inside)."""
     model, meta = load_checkpoint(checkpoint, device)
+    return evaluate_model(
+        model, meta, prepared, batch_size, device, precision, num_workers, tta=tta, calibrate=calibrate
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    meta: dict,
+    prepared: Path,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    *,
+    tta: str = "none",
+    calibrate: bool = True,
+) -> tuple[dict, Predictions, list[str]]:
+    """Score a loaded checkpoint's model (`meta`: the rest of the checkpoint) on the test subset of the prepared
+    images in `prepared`: on each image and, with `tta`, its views; with `calibrate`, at the checkpoint's temperature.
+    The metrics and predictions are of those probabilities; `ece_uncalibrated` and `loss_uncalibrated` give the same
+    views without the temperature, and `temperature` the checkpoint's."""
     classes = meta["classes"]
     size, norm = meta["image_size"], meta["normalization"]
     if read_meta(prepared)["classes"] != classes:
-        raise UserError(f"{checkpoint} was trained on other classes than {prepared} holds; rerun `dvc repro`")
+        raise UserError(f"the checkpoint was trained on other classes than {prepared} holds; rerun `dvc repro`")
     dataset = PreparedDataset(prepared, "test", BatchResize(size))
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
     views = predict(model, NormalizedLoader(loader, norm["mean"], norm["std"], device), device, precision, tta)
