@@ -102,13 +102,14 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # them against its classification_report): importing sklearn.metrics costs every evaluate process 1.5-2 s of start-up
 # on two CPU cores (it loads SciPy), more than the scores of a small test set take.
 def _scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class precision, recall, F1 and support from a confusion matrix."""
+    """Per-class precision, recall, F1, support (test images) and predicted (predictions) from a confusion matrix."""
     hits, support, predicted = np.diag(cm).astype(float), cm.sum(1), cm.sum(0)
     return {
         "precision": _ratio(hits, predicted),
         "recall": _ratio(hits, support),
         "f1": _ratio(2 * hits, support + predicted),  # 2PR / (P + R), without dividing by zero on the way
         "support": support,
+        "predicted": predicted,
     }
 
 
@@ -136,7 +137,7 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
     y, y_hat = pred.targets, pred.predicted
     cm = confusion(y, y_hat, len(classes))
     scores = _scores(cm)
-    occurring = (scores["support"] > 0) | (cm.sum(0) > 0)
+    occurring = scores["support"] + scores["predicted"] > 0
     confidence, correct = pred.confidence, y_hat == y
     return {
         "loss": _loss(pred),
@@ -161,21 +162,11 @@ def classification_metrics(pred: Predictions, classes: list[str]) -> dict:
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
-    prepared: Path,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    num_workers: int = 0,
-    *,
-    tta: str = "none",
-    calibrate: bool = True,
+    checkpoint: Path, prepared: Path, batch_size: int, device: torch.device, *args, **kwargs
 ) -> tuple[dict, Predictions, list[str]]:
-    """`evaluate_model` on the model a checkpoint rebuilds (classes, size and normalisation travel inside)."""
-    model, meta = load_checkpoint(checkpoint, device)
-    return evaluate_model(
-        model, meta, prepared, batch_size, device, precision, num_workers, tta=tta, calibrate=calibrate
-    )
+    """`evaluate_model` (the rest of its arguments as there) on the model a checkpoint rebuilds: classes, image size
+    and normalisation travel inside it."""
+    return evaluate_model(*load_checkpoint(checkpoint, device), prepared, batch_size, device, *args, **kwargs)
 
 
 def evaluate_model(
